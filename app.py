@@ -1,0 +1,565 @@
+"""A Loco Sync backend: mutate, bootstrap and sync over JSON, on SQLite.
+
+Read top to bottom, this file follows the protocol:
+  1. configuration                      create_app
+  2. database setup                     configure_sqlite, read_head
+  3. POST /mutate    (sendTransaction)  commit_changes writes rows + sync actions
+  4. GET /bootstrap  (bootstrap)        rows and firstSyncId from one snapshot
+  5. GET /sync       (deltaSync, poll)  the sync actions after a syncId
+  6. errors                             ApiError and the JSON error shape
+  7. CLI                                init-db, seed
+Tables, wire schemas and sync-group rules live in models.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sqlite3
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import click
+from flask import Blueprint, Flask, current_app, request
+from marshmallow import Schema, ValidationError, fields, post_load, validate, validates_schema
+from sqlalchemy import event, func, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
+from werkzeug.exceptions import HTTPException
+
+from models import (
+    INT64,
+    MAX_ID_LENGTH,
+    SYNCED_MODELS,
+    ClientTransaction,
+    Group,
+    SyncAction,
+    SyncActionGroup,
+    SyncedModel,
+    db,
+    model_id,
+)
+
+api = Blueprint("api", __name__)
+
+MAX_CHANGES = 1000
+DEFAULT_LIMIT = 1000
+MAX_LIMIT = 5000
+
+
+# --- 1. Configuration -------------------------------------------------------
+
+
+def create_app(test_config: dict[str, Any] | None = None) -> Flask:
+    app = Flask(__name__, instance_relative_config=True)
+    app.config.from_mapping(
+        SQLALCHEMY_DATABASE_URI="sqlite:///" + os.path.join(app.instance_path, "loco.sqlite3"),
+        MAX_CONTENT_LENGTH=1024 * 1024,
+        SQLITE_BUSY_TIMEOUT_MS=2000,  # how long one attempt waits for the write lock
+        BUSY_RETRIES=3,  # further attempts, with backoff, before answering 503
+        BUSY_BACKOFF_S=0.05,
+    )
+    if test_config is None:
+        app.config.from_pyfile("config.py", silent=True)
+    else:
+        app.config.from_mapping(test_config)
+    app.json.sort_keys = False
+    os.makedirs(app.instance_path, exist_ok=True)
+
+    db.init_app(app)
+    with app.app_context():
+        configure_sqlite(db.engine, app.config["SQLITE_BUSY_TIMEOUT_MS"])
+        db.create_all()
+
+    app.register_blueprint(api)
+    app.register_error_handler(ApiError, error_response)
+    app.register_error_handler(HTTPException, http_error)
+    app.register_error_handler(Exception, unexpected_error)
+    app.cli.add_command(init_db_command)
+    app.cli.add_command(seed_command)
+    return app
+
+
+# --- 2. Database setup ------------------------------------------------------
+
+
+def configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
+    @event.listens_for(engine, "connect")
+    def on_connect(dbapi_connection, _record):
+        # Python's sqlite3 driver does not emit BEGIN before a SELECT, so two
+        # SELECTs of one "transaction" could read two different snapshots.
+        # Take BEGIN away from the driver and emit it ourselves (on_begin).
+        dbapi_connection.isolation_level = None
+        dbapi_connection.execute("PRAGMA journal_mode = WAL")  # readers never block the writer
+        dbapi_connection.execute("PRAGMA synchronous = FULL")  # a 200 from /mutate is on disk
+        dbapi_connection.execute("PRAGMA foreign_keys = ON")
+        dbapi_connection.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+
+    @event.listens_for(engine, "begin")
+    def on_begin(connection):
+        # Writes ask for IMMEDIATE: the write lock is taken at BEGIN, so two
+        # writers queue up instead of deadlocking on a lock upgrade.
+        mode = connection.get_execution_options().get("sqlite_begin", "DEFERRED")
+        connection.exec_driver_sql(f"BEGIN {mode}")
+
+
+def read_head() -> int:
+    """The greatest syncId, as seen by the current transaction's snapshot."""
+    return db.session.scalar(select(func.max(SyncAction.id))) or 0
+
+
+def caller_sync_groups() -> list[str]:
+    # Until users exist, every caller has every sync group.
+    group_ids = db.session.scalars(select(Group.id).order_by(Group.id))
+    return ["all"] + [f"group:{group_id}" for group_id in group_ids]
+
+
+# --- 3. POST /mutate --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Change:
+    """One validated change; `data` uses column names, not wire names."""
+
+    action: str  # create | update | delete
+    model: SyncedModel
+    model_id: str
+    data: dict[str, Any]
+
+
+class ChangeSchema(Schema):
+    action = fields.String(required=True, validate=validate.OneOf(["create", "update", "delete"]))
+    model_name = fields.String(data_key="modelName", required=True)
+    model_id = model_id(data_key="modelId", required=True)
+    data = fields.Dict(keys=fields.String())
+
+    @post_load
+    def to_change(self, change: dict[str, Any], **_) -> Change:
+        action, name, row_id = change["action"], change["model_name"], change["model_id"]
+        model = SYNCED_MODELS.get(name)
+        if model is None:
+            known = ", ".join(sorted(SYNCED_MODELS))
+            raise ValidationError({"modelName": [f"Unknown model {name!r}. Known models: {known}."]})
+        data = change.get("data")
+        if action == "delete":
+            if data is not None:
+                raise ValidationError({"data": ["A delete change carries no data."]})
+            return Change(action, model, row_id, {})
+        if data is None:
+            raise ValidationError({"data": [f"Missing data for required field (an {action} needs it)."]})
+        try:
+            # A create sends every field; an update only the ones it changes.
+            row = model.schema.load(data, partial=action == "update")
+        except ValidationError as error:
+            raise ValidationError({"data": error.messages}) from error
+        if action == "create" and row["id"] != row_id:
+            raise ValidationError({"data": {"id": [f"data.id {row['id']!r} must equal modelId {row_id!r}."]}})
+        if action == "update" and "id" in row:
+            raise ValidationError({"data": {"id": ["An update cannot set id; the row is named by modelId."]}})
+        return Change(action, model, row_id, row)
+
+
+class MutateSchema(Schema):
+    changes = fields.List(
+        fields.Nested(ChangeSchema),
+        required=True,
+        validate=validate.Length(1, MAX_CHANGES, error="A transaction has {min} to {max} changes."),
+    )
+    transaction_id = fields.String(data_key="transactionId", validate=validate.Length(1, MAX_ID_LENGTH))
+
+
+@api.post("/mutate")
+def mutate():
+    body = json_body()
+    mutation = load(MutateSchema(), body)
+    last_sync_id = commit_changes(mutation["changes"], mutation.get("transaction_id"), fingerprint(body["changes"]))
+    return {"lastSyncId": last_sync_id}
+
+
+def fingerprint(changes: Any) -> str:
+    """Identifies a request body, so a reused transactionId with other changes is caught."""
+    canonical = json.dumps(changes, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def commit_changes(changes: list[Change], transaction_id: str | None = None, changes_sha256: str = "") -> int:
+    """Write the rows, one sync action per change and their group links in
+    one transaction, and return the greatest syncId it created.
+
+    This is the only place rows and sync actions are written. The transaction
+    holds SQLite's write lock from BEGIN to COMMIT, so transactions commit in
+    syncId order and a poller can never see syncId n+1 before n.
+    """
+    config = current_app.config
+    for attempt in range(config["BUSY_RETRIES"] + 1):
+        try:
+            db.session.close()  # start clean, so BEGIN IMMEDIATE is this transaction's first statement
+            db.session.connection(execution_options={"sqlite_begin": "IMMEDIATE"})
+            last_sync_id = apply_transaction(changes, transaction_id, changes_sha256)
+            db.session.commit()
+            return last_sync_id
+        except OperationalError as error:
+            db.session.rollback()
+            if not is_busy(error):
+                raise
+            if attempt < config["BUSY_RETRIES"]:
+                time.sleep(config["BUSY_BACKOFF_S"] * 2**attempt)
+        except BaseException:
+            db.session.rollback()
+            raise
+    raise ApiError(
+        503,
+        "database_busy",
+        "The database stayed locked by other writers; nothing was written. Retry shortly.",
+        type="network",
+        headers={"Retry-After": "1"},
+    )
+
+
+def is_busy(error: OperationalError) -> bool:
+    return getattr(error.orig, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+def apply_transaction(changes: list[Change], transaction_id: str | None, changes_sha256: str) -> int:
+    if transaction_id is not None:
+        done = db.session.get(ClientTransaction, transaction_id)
+        if done is not None:
+            if done.changes_sha256 != changes_sha256:
+                raise ApiError(
+                    409,
+                    "transaction_id_reused",
+                    f"transactionId {transaction_id!r} was already committed with different changes.",
+                )
+            return done.last_sync_id  # a retry: answer it, write nothing
+    last_sync_id = 0
+    for index, change in enumerate(changes):
+        last_sync_id = apply_change(index, change)
+    if transaction_id is not None:
+        db.session.add(ClientTransaction(transaction_id=transaction_id, changes_sha256=changes_sha256, last_sync_id=last_sync_id))
+    return last_sync_id
+
+
+def apply_change(index: int, change: Change) -> int:
+    """Apply one change to its row and log it as a sync action; return its syncId."""
+    model = change.model
+
+    def reject(code: str, reason: str):
+        where = f"changes[{index}] ({change.action} {model.name} {change.model_id!r})"
+        raise ApiError(409, code, f"{where}: {reason}", details={"change": index})
+
+    with db.session.no_autoflush:  # check references before the database refuses them
+        row = db.session.get(model.table, change.model_id)
+        if change.action == "create":
+            if row is not None:
+                reject("already_exists", f"{model.name} {change.model_id!r} already exists.")
+            row = model.table(**change.data)
+            check_references(model, row, reject)
+            db.session.add(row)
+            sync_groups = model.sync_groups.groups_of(row)
+        else:
+            if row is None:
+                reject("does_not_exist", f"{model.name} {change.model_id!r} does not exist.")
+            sync_groups = model.sync_groups.groups_of(row)
+            if change.action == "update":
+                for attribute, value in change.data.items():
+                    setattr(row, attribute, value)
+                check_references(model, row, reject)
+                moved_to = model.sync_groups.groups_of(row)
+                if moved_to != sync_groups:
+                    reject(
+                        "sync_groups_changed",
+                        f"this update would move the row from {sync_groups} to {moved_to}. A row keeps its sync "
+                        "groups for its whole life, or clients of the old groups would never see it leave: "
+                        "delete it and create a new one instead.",
+                    )
+            else:
+                check_not_referenced(model, row, reject)
+                db.session.delete(row)
+
+    sync_action = SyncAction(
+        action={"create": "insert", "update": "update", "delete": "delete"}[change.action],
+        model_name=model.name,
+        model_id=change.model_id,
+        data=None if change.action == "delete" else model.schema.dump(row),  # the full row after the change
+        sync_groups=[SyncActionGroup(sync_group=group) for group in sync_groups],
+    )
+    db.session.add(sync_action)
+    db.session.flush()
+    return sync_action.id
+
+
+def check_references(model: SyncedModel, row: Any, reject) -> None:
+    for attribute, target in model.references():
+        value = getattr(row, attribute)
+        if db.session.get(target.table, value) is None:
+            reject("unknown_reference", f"{model.wire_name(attribute)} {value!r} does not name an existing {target.name}.")
+
+
+def check_not_referenced(model: SyncedModel, row: Any, reject) -> None:
+    for other in SYNCED_MODELS.values():
+        for attribute, target in other.references():
+            if target is model:
+                count = db.session.scalar(
+                    select(func.count()).select_from(other.table).where(getattr(other.table, attribute) == row.id)
+                )
+                if count:
+                    reject(
+                        "still_referenced",
+                        f"{count} {other.name} row(s) still name it in {other.wire_name(attribute)}; delete them first.",
+                    )
+
+
+# --- 4. GET /bootstrap ------------------------------------------------------
+
+
+class CommaList(fields.Field):
+    """A comma-separated query parameter; `item` checks and returns each entry."""
+
+    def __init__(self, item, allow_empty: bool, **kwargs):
+        super().__init__(**kwargs)
+        self.item, self.allow_empty = item, allow_empty
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not isinstance(value, str):
+            raise ValidationError("Must be a comma-separated list.")
+        entries = value.split(",") if value else []
+        if not entries and not self.allow_empty:
+            raise ValidationError("Must list at least one entry.")
+        return list(dict.fromkeys(self.item(entry) for entry in entries))
+
+
+def known_model(name: str) -> SyncedModel:
+    if name not in SYNCED_MODELS:
+        raise ValidationError(f"Unknown model {name!r}. Known models: {', '.join(sorted(SYNCED_MODELS))}.")
+    return SYNCED_MODELS[name]
+
+
+SYNC_GROUP = re.compile(rf"all|group:[^,]{{1,{MAX_ID_LENGTH}}}")
+
+
+def well_formed_sync_group(name: str) -> str:
+    if not SYNC_GROUP.fullmatch(name):
+        raise ValidationError(f"Malformed sync group {name!r}: expected 'all' or 'group:<groupId>'.")
+    return name
+
+
+class BootstrapQuerySchema(Schema):
+    type = fields.String(required=True, validate=validate.OneOf(["eager", "lazy"]))
+    models = CommaList(known_model, allow_empty=True, required=True)
+    sync_groups = CommaList(well_formed_sync_group, allow_empty=False, data_key="syncGroups")
+
+    @validates_schema
+    def sync_groups_go_with_lazy(self, query, **_):
+        if query.get("type") == "lazy" and "sync_groups" not in query:
+            raise ValidationError("A lazy bootstrap names the sync groups it loads.", "syncGroups")
+        if query.get("type") == "eager" and "sync_groups" in query:
+            raise ValidationError("Only a lazy bootstrap takes syncGroups.", "syncGroups")
+
+
+@api.get("/bootstrap")
+def bootstrap():
+    query = load(BootstrapQuerySchema(), request.args)
+    # Everything below runs in this request's one read transaction, so the
+    # rows and firstSyncId come from the same snapshot (see configure_sqlite).
+    if query["type"] == "eager":
+        sync_groups = caller_sync_groups()
+    else:
+        sync_groups = query["sync_groups"]
+    rows = {model.name: read_rows(model, sync_groups) for model in query["models"]}
+    return {"bootstrap": rows, "firstSyncId": read_head(), "syncGroups": sync_groups}
+
+
+def read_rows(model: SyncedModel, sync_groups: list[str]) -> list[dict[str, Any]]:
+    table = model.table
+    found = db.session.scalars(select(table).where(model.sync_groups.rows_in(table, sync_groups)).order_by(table.id))
+    return model.schema.dump(found, many=True)
+
+
+# --- 5. GET /sync -----------------------------------------------------------
+
+
+class SyncId(fields.Field):
+    """A syncId in a query string: decimal digits only, so "1.5", "-1" or " 1" are refused."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not isinstance(value, str) or not re.fullmatch(r"[0-9]{1,19}", value) or int(value) > INT64[1]:
+            raise ValidationError("Must be a non-negative integer, like 0 or 42.")
+        return int(value)
+
+
+class SyncQuerySchema(Schema):
+    since = SyncId()
+    until = SyncId()
+    limit = SyncId(validate=validate.Range(1, MAX_LIMIT, error="Must be between {min} and {max}."))
+
+    @validates_schema
+    def until_follows_since(self, query, **_):
+        if "until" in query and "since" not in query:
+            raise ValidationError("until needs since.", "until")
+        if "until" in query and query["until"] < query["since"]:
+            raise ValidationError(f"until ({query['until']}) must not be less than since ({query['since']}).", "until")
+
+
+@api.get("/sync")
+def sync():
+    query = load(SyncQuerySchema(), request.args)
+    # One read transaction: the head and the actions come from one snapshot,
+    # so the cursor never moves past an action this response did not carry.
+    head = read_head()
+    sync_groups = caller_sync_groups()
+    if "since" not in query:  # the handshake
+        return {"sync": [], "lastSyncId": head, "syncGroups": sync_groups, "hasMore": False}
+
+    since, limit = query["since"], query.get("limit", DEFAULT_LIMIT)
+    if since > head:
+        raise ApiError(
+            409,
+            "cursor_ahead",
+            f"since={since} is past the newest syncId {head}: the database was reset since this "
+            "client synced. Bootstrap again.",
+        )
+    until = min(query.get("until", head), head)
+    actions = db.session.scalars(
+        select(SyncAction)
+        .where(SyncAction.id > since, SyncAction.id <= until)
+        .order_by(SyncAction.id)
+        .limit(limit + 1)
+    ).all()
+    has_more = len(actions) > limit
+    actions = actions[:limit]
+    cursor = actions[-1].id if has_more else until
+    return {
+        "sync": [action.to_wire() for action in actions],
+        "lastSyncId": cursor,
+        "syncGroups": sync_groups,
+        "hasMore": has_more,
+    }
+
+
+# --- 6. Errors --------------------------------------------------------------
+
+
+class ApiError(Exception):
+    """Any refusal. `type` is Loco Sync's NetworkErrorType: the client rolls
+    a transaction back on "server" and retries on "auth" and "network"."""
+
+    def __init__(self, status: int, code: str, message: str, *, type: str = "server", details: Any = None, headers=None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.type = status, code, message, type
+        self.details, self.headers = details, headers or {}
+
+
+def error_response(error: ApiError):
+    body = {"error": {"type": error.type, "code": error.code, "message": error.message, "details": error.details}}
+    return body, error.status, error.headers
+
+
+HTTP_ERROR_CODES = {
+    400: "invalid_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def http_error(error: HTTPException):
+    if error.code == 404:
+        message = f"No endpoint at {request.path}. The API is POST /mutate, GET /bootstrap and GET /sync."
+    elif error.code == 413:
+        message = f"The body is over the limit of {current_app.config['MAX_CONTENT_LENGTH']} bytes."
+    else:
+        message = error.description
+    code = HTTP_ERROR_CODES.get(error.code, re.sub(r"\W+", "_", (error.name or "error").lower()))
+    headers = {k: v for k, v in error.get_headers() if k == "Allow"}
+    return error_response(ApiError(error.code or 500, code, message, headers=headers))
+
+
+def unexpected_error(error: Exception):
+    current_app.logger.exception("unexpected error")
+    return error_response(ApiError(500, "internal_error", "The server hit an unexpected error; see its log."))
+
+
+def json_body() -> Any:
+    if not request.is_json:
+        raise ApiError(415, "unsupported_media_type", "Send a JSON body with Content-Type: application/json.")
+    raw = request.get_data(cache=False)  # over MAX_CONTENT_LENGTH, this raises 413
+    try:
+        return json.loads(raw, parse_constant=reject_constant)
+    except (ValueError, RecursionError) as error:
+        raise ApiError(400, "invalid_json", f"The body is not valid JSON: {error}") from None
+
+
+def reject_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def load(schema: Schema, data: Any) -> Any:
+    try:
+        return schema.load(data)
+    except ValidationError as error:
+        messages = error.normalized_messages()
+        lines = [line.rstrip(".") for line in describe(messages)]
+        if len(lines) > 5:
+            lines[5:] = [f"and {len(lines) - 5} more (see details)"]
+        message = "; ".join(lines) + "."
+        raise ApiError(400, "invalid_request", message, details=messages) from None
+
+
+def describe(messages: Any, path: str = "") -> list[str]:
+    """Flatten marshmallow's nested messages into lines like 'changes.0.data.isDone: Not a valid boolean.'"""
+    if isinstance(messages, dict):
+        return [
+            line
+            for key, nested in messages.items()
+            for line in describe(nested, path if key == "_schema" else f"{path}.{key}".lstrip("."))
+        ]
+    if isinstance(messages, list):
+        return [line for message in messages for line in describe(message, path)]
+    return [f"{path or 'body'}: {messages}"]
+
+
+# --- 7. CLI -----------------------------------------------------------------
+
+
+@click.command("init-db")
+def init_db_command():
+    """Drop every table and create them empty."""
+    db.drop_all()
+    db.create_all()
+    click.echo(f"Initialized an empty database at {db.engine.url.database}")
+
+
+SEED_CHANGES = [
+    {"action": "create", "modelName": "Group", "modelId": "g1", "data": {"id": "g1", "name": "Kitchen"}},
+    {"action": "create", "modelName": "Group", "modelId": "g2", "data": {"id": "g2", "name": "Garden"}},
+    {"action": "create", "modelName": "Author", "modelId": "a1", "data": {"id": "a1", "name": "Ada"}},
+    {"action": "create", "modelName": "Author", "modelId": "a2", "data": {"id": "a2", "name": "Grace"}},
+    *(
+        {
+            "action": "create",
+            "modelName": "Todo",
+            "modelId": todo_id,
+            "data": {"id": todo_id, "text": text, "authorId": author, "groupId": group, "isDone": False, "likeCount": 0},
+        }
+        for todo_id, text, author, group in [
+            ("t1", "Buy coffee", "a1", "g1"),
+            ("t2", "Descale the kettle", "a2", "g1"),
+            ("t3", "Water the tomatoes", "a1", "g2"),
+        ]
+    ),
+]
+
+
+@click.command("seed")
+def seed_command():
+    """Load a small demo data set, through the same path as /mutate."""
+    mutation = load(MutateSchema(), {"changes": SEED_CHANGES})
+    try:
+        last_sync_id = commit_changes(mutation["changes"])
+    except ApiError as error:
+        raise click.ClickException(f"{error.message} (run `flask --app app init-db` to start over)") from None
+    click.echo(f"Seeded {len(SEED_CHANGES)} rows; lastSyncId is {last_sync_id}.")

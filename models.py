@@ -1,0 +1,214 @@
+"""Tables, wire schemas and sync-group rules.
+
+Every synced model is declared in one place: its table, its marshmallow
+schema (the row as the client sees it, camelCase on the wire) and the rule
+that says which sync groups a row belongs to. `SYNCED_MODELS` is what the
+endpoints look models up in, so adding a model means adding one block here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from flask_sqlalchemy import SQLAlchemy
+from marshmallow import Schema, fields, validate
+from sqlalchemy import JSON, ColumnElement, ForeignKey, Index, String, false, true
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+db = SQLAlchemy(model_class=Base)
+
+MAX_ID_LENGTH = 255
+INT64 = (-(2**63), 2**63 - 1)
+
+
+# --- Sync-group rules --------------------------------------------------------
+# A rule works both ways: which groups a row belongs to (to link each sync
+# action it causes) and which rows are in some groups (to serve a bootstrap).
+
+
+class Everyone:
+    """Rows in the sync group `all`, which every user has."""
+
+    def groups_of(self, row: Any) -> list[str]:
+        return ["all"]
+
+    def rows_in(self, table: type[db.Model], sync_groups: list[str]) -> ColumnElement[bool]:
+        return true() if "all" in sync_groups else false()
+
+
+@dataclass(frozen=True)
+class InGroup:
+    """Rows in the sync group `group:<value of column>`."""
+
+    column: str
+
+    def groups_of(self, row: Any) -> list[str]:
+        return [f"group:{getattr(row, self.column)}"]
+
+    def rows_in(self, table: type[db.Model], sync_groups: list[str]) -> ColumnElement[bool]:
+        ids = [g.removeprefix("group:") for g in sync_groups if g.startswith("group:")]
+        return getattr(table, self.column).in_(ids)
+
+
+@dataclass(frozen=True)
+class SyncedModel:
+    name: str
+    table: type[db.Model]
+    schema: Schema
+    sync_groups: Everyone | InGroup
+
+    def wire_name(self, attribute: str) -> str:
+        return self.schema.fields[attribute].data_key or attribute
+
+    def references(self) -> list[tuple[str, SyncedModel]]:
+        """(attribute, referenced model) for each foreign key of the table."""
+        by_table = {m.table.__table__: m for m in SYNCED_MODELS.values()}
+        return [
+            (column.key, by_table[fk.column.table])
+            for column in self.table.__table__.columns
+            for fk in column.foreign_keys
+        ]
+
+
+SYNCED_MODELS: dict[str, SyncedModel] = {}
+
+
+def synced(name: str, schema: type[Schema], sync_groups: Everyone | InGroup):
+    """Register a table as a synced model under its wire name."""
+
+    def register(table: type[db.Model]) -> type[db.Model]:
+        SYNCED_MODELS[name] = SyncedModel(name, table, schema(), sync_groups)
+        return table
+
+    return register
+
+
+# --- Wire field types -------------------------------------------------------
+# Strict on purpose: "true", 1 or "3" are client bugs, not values to coerce.
+
+
+class Int64(fields.Integer):
+    def __init__(self, **kwargs):
+        super().__init__(strict=True, validate=validate.Range(*INT64), **kwargs)
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, bool):
+            raise self.make_error("invalid")
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
+def model_id(**kwargs) -> fields.String:
+    return fields.String(validate=validate.Length(1, MAX_ID_LENGTH), **kwargs)
+
+
+class StrictBoolean(fields.Boolean):
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not isinstance(value, bool):  # a plain Boolean takes 1 and "yes"
+            raise self.make_error("invalid", input=value)
+        return value
+
+
+class RowSchema(Schema):
+    """A model row on the wire. Loading a create needs every field."""
+
+    id = model_id(required=True)
+
+
+# --- Example domain ---------------------------------------------------------
+
+
+class GroupSchema(RowSchema):
+    name = fields.String(required=True)
+
+
+@synced("Group", GroupSchema, InGroup("id"))
+class Group(db.Model):
+    __tablename__ = "groups"
+    id: Mapped[str] = mapped_column(String(MAX_ID_LENGTH), primary_key=True)
+    name: Mapped[str]
+
+
+class AuthorSchema(RowSchema):
+    name = fields.String(required=True)
+
+
+@synced("Author", AuthorSchema, Everyone())
+class Author(db.Model):
+    __tablename__ = "authors"
+    id: Mapped[str] = mapped_column(String(MAX_ID_LENGTH), primary_key=True)
+    name: Mapped[str]
+
+
+class TodoSchema(RowSchema):
+    text = fields.String(required=True)
+    author_id = model_id(data_key="authorId", required=True)
+    group_id = model_id(data_key="groupId", required=True)
+    is_done = StrictBoolean(data_key="isDone", required=True)
+    like_count = Int64(data_key="likeCount", required=True)
+
+
+@synced("Todo", TodoSchema, InGroup("group_id"))
+class Todo(db.Model):
+    __tablename__ = "todos"
+    id: Mapped[str] = mapped_column(String(MAX_ID_LENGTH), primary_key=True)
+    text: Mapped[str]
+    author_id: Mapped[str] = mapped_column(ForeignKey("authors.id"), index=True)
+    group_id: Mapped[str] = mapped_column(ForeignKey("groups.id"), index=True)
+    is_done: Mapped[bool]
+    like_count: Mapped[int]
+
+
+# --- The sync log -----------------------------------------------------------
+
+
+class SyncAction(db.Model):
+    """One entry of the log clients replay. Its id is the syncId."""
+
+    __tablename__ = "sync_action"
+    # AUTOINCREMENT: a syncId is never handed out twice, even after the
+    # newest action is deleted, so a client cursor can never be reused.
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    action: Mapped[str] = mapped_column(String(6))  # insert | update | delete
+    model_name: Mapped[str] = mapped_column(String(MAX_ID_LENGTH))
+    model_id: Mapped[str] = mapped_column(String(MAX_ID_LENGTH))
+    data: Mapped[dict | None] = mapped_column(JSON)  # full row; None for delete
+    sync_groups: Mapped[list[SyncActionGroup]] = relationship()
+
+    def to_wire(self) -> dict[str, Any]:
+        wire = {
+            "syncId": self.id,
+            "action": self.action,
+            "modelName": self.model_name,
+            "modelId": self.model_id,
+        }
+        if self.data is not None:
+            wire["data"] = self.data
+        return wire
+
+
+class SyncActionGroup(db.Model):
+    """Links a sync action to each sync group that may see it."""
+
+    __tablename__ = "sync_action_group"
+    # Primary key order serves `WHERE sync_group IN (...) AND sync_action_id > ?`.
+    sync_group: Mapped[str] = mapped_column(String(MAX_ID_LENGTH + 6), primary_key=True)
+    sync_action_id: Mapped[int] = mapped_column(ForeignKey("sync_action.id"), primary_key=True)
+    __table_args__ = (Index("ix_sync_action_group_action", "sync_action_id"),)
+
+
+class ClientTransaction(db.Model):
+    """A committed client transaction, so that a retry is answered, not re-applied."""
+
+    __tablename__ = "client_transaction"
+    transaction_id: Mapped[str] = mapped_column(String(MAX_ID_LENGTH), primary_key=True)
+    changes_sha256: Mapped[str] = mapped_column(String(64))
+    last_sync_id: Mapped[int]
+

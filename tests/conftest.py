@@ -1,0 +1,38 @@
+import pytest
+
+from app import create_app
+from helpers import create, group, mutate, todo
+from models import db
+
+
+@pytest.fixture
+def app(tmp_path):
+    """An app on its own fresh SQLite file."""
+    app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path / 'loco.sqlite3'}"})
+    yield app
+    with app.app_context():
+        db.engine.dispose()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def runner(app):
+    return app.test_cli_runner()
+
+
+@pytest.fixture
+def seeded(client):
+    """Groups g1 and g2, authors a1 and a2, and Todo t1 in g1: syncIds 1 to 5."""
+    mutate(
+        client,
+        group("g1"),
+        group("g2"),
+        create("Author", "a1", name="Ada"),
+        create("Author", "a2", name="Grace"),
+        todo("t1", "g1"),
+    )
+    return client

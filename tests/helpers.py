@@ -1,0 +1,95 @@
+"""Change builders and log checks shared by the tests."""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+from models import SYNCED_MODELS
+
+
+def create(model: str, model_id: str, **fields: Any) -> dict:
+    return {"action": "create", "modelName": model, "modelId": model_id, "data": {"id": model_id, **fields}}
+
+
+def update(model: str, model_id: str, **fields: Any) -> dict:
+    return {"action": "update", "modelName": model, "modelId": model_id, "data": fields}
+
+
+def delete(model: str, model_id: str) -> dict:
+    return {"action": "delete", "modelName": model, "modelId": model_id}
+
+
+def group(group_id: str, name: str | None = None) -> dict:
+    return create("Group", group_id, name=name or f"Group {group_id}")
+
+
+def todo(todo_id: str, group_id: str, author_id: str = "a1", **fields: Any) -> dict:
+    row = {"text": f"Todo {todo_id}", "authorId": author_id, "groupId": group_id, "isDone": False, "likeCount": 0}
+    return create("Todo", todo_id, **{**row, **fields})
+
+
+def mutate(client, *changes: dict, transaction_id: str | None = None, expect: int = 200) -> dict:
+    body: dict[str, Any] = {"changes": list(changes)}
+    if transaction_id is not None:
+        body["transactionId"] = transaction_id
+    response = client.post("/mutate", json=body)
+    assert response.status_code == expect, response.get_json()
+    return response.get_json()
+
+
+def assert_error(response, status: int, code: str, type: str = "server") -> dict:
+    """Every refusal has the one error shape; returns the error object."""
+    assert response.status_code == status, response.get_data(as_text=True)
+    assert response.mimetype == "application/json"
+    body = response.get_json()
+    assert set(body) == {"error"}
+    error = body["error"]
+    assert set(error) == {"type", "code", "message", "details"}
+    assert (error["type"], error["code"]) == (type, code), error
+    assert isinstance(error["message"], str) and error["message"]
+    return error
+
+
+def database_path(app) -> str:
+    return app.config["SQLALCHEMY_DATABASE_URI"].removeprefix("sqlite:///")
+
+
+def snapshot(app) -> dict[str, list[tuple]]:
+    """Every table's rows, read straight from the file: compare two to prove nothing was written."""
+    tables = [m.table.__tablename__ for m in SYNCED_MODELS.values()]
+    tables += ["sync_action", "sync_action_group", "client_transaction"]
+    with sqlite3.connect(database_path(app)) as connection:
+        return {table: connection.execute(f"SELECT * FROM {table} ORDER BY 1, 2").fetchall() for table in tables}
+
+
+def replay(actions: list[dict], rows: dict[str, dict[str, dict]] | None = None) -> dict[str, dict[str, dict]]:
+    """Apply sync actions as a client would: {modelName: {modelId: row}}."""
+    rows = {name: dict(found) for name, found in (rows or {}).items()}
+    for action in actions:
+        table = rows.setdefault(action["modelName"], {})
+        if action["action"] == "insert":
+            assert action["modelId"] not in table, f"insert of a row the client has: {action}"
+            table[action["modelId"]] = action["data"]
+        elif action["action"] == "update":
+            assert action["modelId"] in table, f"update of a row the client lacks: {action}"
+            table[action["modelId"]] = action["data"]
+        else:
+            assert action["modelId"] in table, f"delete of a row the client lacks: {action}"
+            del table[action["modelId"]]
+    return {name: found for name, found in rows.items() if found}
+
+
+def as_store(bootstrap: dict[str, list[dict]]) -> dict[str, dict[str, dict]]:
+    return {name: {row["id"]: row for row in found} for name, found in bootstrap.items() if found}
+
+
+def read_log(client, since: int = 0, limit: int = 5000) -> list[dict]:
+    """Every sync action after `since`, following pages."""
+    actions: list[dict] = []
+    while True:
+        page = client.get(f"/sync?since={since}&limit={limit}").get_json()
+        actions += page["sync"]
+        since = page["lastSyncId"]
+        if not page["hasMore"]:
+            return actions

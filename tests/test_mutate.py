@@ -1,0 +1,238 @@
+"""POST /mutate: rows and sync actions written together, all or nothing."""
+
+import sqlite3
+
+import pytest
+
+from helpers import (
+    assert_error,
+    create,
+    database_path,
+    delete,
+    group,
+    mutate,
+    read_log,
+    snapshot,
+    todo,
+    update,
+)
+
+
+def test_create_writes_the_row_and_an_insert_action_with_the_full_row(seeded):
+    result = mutate(seeded, todo("t2", "g2", text="Buy milk", likeCount=3))
+
+    assert result == {"lastSyncId": 6}
+    [action] = read_log(seeded, since=5)
+    assert action == {
+        "syncId": 6,
+        "action": "insert",
+        "modelName": "Todo",
+        "modelId": "t2",
+        "data": {"id": "t2", "text": "Buy milk", "authorId": "a1", "groupId": "g2", "isDone": False, "likeCount": 3},
+    }
+    rows = seeded.get("/bootstrap?type=eager&models=Todo").get_json()["bootstrap"]["Todo"]
+    assert action["data"] in rows
+
+
+def test_last_sync_id_is_the_greatest_sync_id_the_transaction_created(seeded):
+    result = mutate(seeded, todo("t2", "g1"), todo("t3", "g1"), update("Todo", "t1", isDone=True))
+
+    assert result == {"lastSyncId": 8}
+    assert [a["syncId"] for a in read_log(seeded, since=5)] == [6, 7, 8]
+
+
+def test_update_action_carries_the_full_row_after_the_change(seeded):
+    mutate(seeded, update("Todo", "t1", isDone=True, likeCount=2))
+
+    [action] = read_log(seeded, since=5)
+    assert action["action"] == "update"
+    assert action["data"] == {
+        "id": "t1",
+        "text": "Todo t1",
+        "authorId": "a1",
+        "groupId": "g1",
+        "isDone": True,
+        "likeCount": 2,
+    }
+
+
+def test_delete_action_carries_no_data(seeded):
+    mutate(seeded, delete("Todo", "t1"))
+
+    [action] = read_log(seeded, since=5)
+    assert action == {"syncId": 6, "action": "delete", "modelName": "Todo", "modelId": "t1"}
+    assert seeded.get("/bootstrap?type=eager&models=Todo").get_json()["bootstrap"]["Todo"] == []
+
+
+def test_changes_apply_in_order_inside_one_transaction(seeded):
+    mutate(seeded, todo("t2", "g1"), update("Todo", "t2", text="renamed"), delete("Todo", "t2"), todo("t2", "g2"))
+
+    actions = read_log(seeded, since=5)
+    assert [(a["action"], a.get("data", {}).get("groupId")) for a in actions] == [
+        ("insert", "g1"),
+        ("update", "g1"),
+        ("delete", None),
+        ("insert", "g2"),
+    ]
+    assert actions[1]["data"]["text"] == "renamed"
+
+
+def test_each_sync_action_is_linked_to_the_sync_groups_of_its_row(app, seeded):
+    mutate(seeded, update("Author", "a1", name="Ada L."), delete("Todo", "t1"))
+
+    with sqlite3.connect(database_path(app)) as connection:
+        links = connection.execute(
+            "SELECT a.model_name, a.model_id, a.action, g.sync_group FROM sync_action a "
+            "JOIN sync_action_group g ON g.sync_action_id = a.id ORDER BY a.id"
+        ).fetchall()
+    assert links == [
+        ("Group", "g1", "insert", "group:g1"),
+        ("Group", "g2", "insert", "group:g2"),
+        ("Author", "a1", "insert", "all"),
+        ("Author", "a2", "insert", "all"),
+        ("Todo", "t1", "insert", "group:g1"),
+        ("Author", "a1", "update", "all"),
+        ("Todo", "t1", "delete", "group:g1"),  # a delete reaches the groups that had the row
+    ]
+
+
+# --- Conflicts: 409, and the whole transaction writes nothing ---------------
+
+CONFLICTS = {
+    "create of an existing id": ([todo("t1", "g1")], "already_exists", "already exists"),
+    "update of a missing row": ([update("Todo", "nope", isDone=True)], "does_not_exist", "does not exist"),
+    "delete of a missing row": ([delete("Author", "nope")], "does_not_exist", "does not exist"),
+    "todo naming a missing author": ([todo("t2", "g1", author_id="a9")], "unknown_reference", "authorId 'a9'"),
+    "todo naming a missing group": ([todo("t2", "g9")], "unknown_reference", "groupId 'g9'"),
+    "update to a missing author": ([update("Todo", "t1", authorId="a9")], "unknown_reference", "authorId 'a9'"),
+    "delete of a group its todos name": ([delete("Group", "g1")], "still_referenced", "1 Todo row(s)"),
+    "delete of an author its todos name": ([delete("Author", "a1")], "still_referenced", "authorId"),
+    "moving a todo to another group": ([update("Todo", "t1", groupId="g2")], "sync_groups_changed", "sync groups"),
+}
+
+
+@pytest.mark.parametrize("changes, code, says", CONFLICTS.values(), ids=CONFLICTS.keys())
+def test_a_conflicting_change_is_409_and_rejects_the_whole_transaction(app, seeded, changes, code, says):
+    before = snapshot(app)
+    # Valid changes first: they must be undone with the failing one.
+    good = [group("g3"), todo("t5", "g3"), update("Todo", "t1", text="changed")]
+    response = seeded.post("/mutate", json={"changes": good + changes, "transactionId": "tx-1"})
+
+    error = assert_error(response, 409, code)
+    assert says in error["message"]
+    assert f"changes[{len(good)}]" in error["message"]
+    assert error["details"] == {"change": len(good)}
+    assert snapshot(app) == before
+
+
+def test_moving_a_todo_says_why_it_is_refused(seeded):
+    error = assert_error(seeded.post("/mutate", json={"changes": [update("Todo", "t1", groupId="g2")]}), 409, "sync_groups_changed")
+    assert "group:g1" in error["message"] and "group:g2" in error["message"]
+    assert "delete it and create a new one" in error["message"]
+
+
+def test_an_update_that_keeps_the_group_is_allowed(seeded):
+    assert mutate(seeded, update("Todo", "t1", groupId="g1", text="same group")) == {"lastSyncId": 6}
+
+
+# --- Idempotent retries -----------------------------------------------------
+
+
+def test_a_retried_transaction_id_returns_the_original_last_sync_id_and_writes_nothing(app, seeded):
+    changes = [todo("t2", "g1"), update("Todo", "t1", likeCount=1)]
+    first = mutate(seeded, *changes, transaction_id="tx-42")
+    after_first = snapshot(app)
+
+    retry = mutate(seeded, *changes, transaction_id="tx-42")
+
+    assert retry == first == {"lastSyncId": 7}
+    assert snapshot(app) == after_first
+
+
+def test_a_retry_is_answered_even_after_other_transactions(seeded):
+    first = mutate(seeded, todo("t2", "g1"), transaction_id="tx-1")
+    mutate(seeded, todo("t3", "g1"))
+    assert mutate(seeded, todo("t2", "g1"), transaction_id="tx-1") == first
+
+
+def test_a_reused_transaction_id_with_other_changes_is_409(app, seeded):
+    mutate(seeded, todo("t2", "g1"), transaction_id="tx-1")
+    before = snapshot(app)
+
+    response = seeded.post("/mutate", json={"changes": [todo("t3", "g1")], "transactionId": "tx-1"})
+
+    assert "tx-1" in assert_error(response, 409, "transaction_id_reused")["message"]
+    assert snapshot(app) == before
+
+
+def test_a_rejected_transaction_id_is_not_spent(seeded):
+    assert_error(seeded.post("/mutate", json={"changes": [todo("t2", "g9")], "transactionId": "tx-1"}), 409, "unknown_reference")
+    assert mutate(seeded, todo("t2", "g1"), transaction_id="tx-1") == {"lastSyncId": 6}
+
+
+# --- Validation: 400, with a message that names the problem -----------------
+
+TODO = todo("t2", "g1")
+INVALID = {
+    "unknown model": ([create("Robot", "r1", name="x")], "changes.0.modelName: Unknown model 'Robot'. Known models: Author, Group, Todo"),
+    "unknown action": ([{**update("Todo", "t1"), "action": "upsert"}], "changes.0.action: Must be one of: create, update, delete"),
+    "unknown field": ([update("Todo", "t1", colour="red")], "changes.0.data.colour: Unknown field"),
+    "unknown change key": ([{**delete("Todo", "t1"), "extra": 1}], "changes.0.extra: Unknown field"),
+    "missing field on create": ([create("Todo", "t2", text="x")], "changes.0.data.authorId: Missing data for required field"),
+    "boolean as a string": ([update("Todo", "t1", isDone="true")], "changes.0.data.isDone: Not a valid boolean"),
+    "boolean as a number": ([update("Todo", "t1", isDone=1)], "changes.0.data.isDone: Not a valid boolean"),
+    "integer as a string": ([update("Todo", "t1", likeCount="3")], "changes.0.data.likeCount: Not a valid integer"),
+    "integer as a float": ([update("Todo", "t1", likeCount=1.5)], "changes.0.data.likeCount: Not a valid integer"),
+    "integer as a boolean": ([update("Todo", "t1", likeCount=True)], "changes.0.data.likeCount: Not a valid integer"),
+    "integer over 64 bits": ([update("Todo", "t1", likeCount=2**63)], "changes.0.data.likeCount: Must be greater than or equal to"),
+    "text as a number": ([update("Todo", "t1", text=5)], "changes.0.data.text: Not a valid string"),
+    "null field": ([update("Todo", "t1", text=None)], "changes.0.data.text: Field may not be null"),
+    "data.id differs from modelId": ([create("Group", "g3", name="x") | {"modelId": "g4"}], "changes.0.data.id: data.id 'g3' must equal modelId 'g4'"),
+    "update that sets id": ([update("Todo", "t1", id="t1")], "changes.0.data.id: An update cannot set id"),
+    "update without data": ([{"action": "update", "modelName": "Todo", "modelId": "t1"}], "changes.0.data: Missing data"),
+    "delete with data": ([{**delete("Todo", "t1"), "data": {}}], "changes.0.data: A delete change carries no data"),
+    "empty modelId": ([create("Group", "", name="x")], "changes.0.modelId: Length must be between 1 and 255"),
+    "modelId over 255 characters": ([delete("Todo", "x" * 256)], "changes.0.modelId: Length must be between 1 and 255"),
+    "change that is not an object": (["create t1"], "changes.0: Invalid input type"),
+    "empty changes": ([], "changes: A transaction has 1 to 1000 changes"),
+    "more than 1000 changes": ([TODO] * 1001, "changes: A transaction has 1 to 1000 changes"),
+}
+
+
+@pytest.mark.parametrize("changes, says", INVALID.values(), ids=INVALID.keys())
+def test_an_invalid_change_is_400_and_writes_nothing(app, seeded, changes, says):
+    before = snapshot(app)
+    response = seeded.post("/mutate", json={"changes": changes})
+
+    error = assert_error(response, 400, "invalid_request")
+    assert says in error["message"]
+    assert snapshot(app) == before
+
+
+INVALID_BODIES = {
+    "a list": ([TODO], "body: Invalid input type"),
+    "no changes": ({}, "changes: Missing data for required field"),
+    "changes not a list": ({"changes": TODO}, "changes: Not a valid list"),
+    "empty transactionId": ({"changes": [todo("t2", "g1")], "transactionId": ""}, "transactionId: Length must be"),
+    "numeric transactionId": ({"changes": [todo("t2", "g1")], "transactionId": 7}, "transactionId: Not a valid string"),
+    "unknown top-level key": ({"changes": [todo("t2", "g1")], "lastSyncId": 3}, "lastSyncId: Unknown field"),
+}
+
+
+@pytest.mark.parametrize("body, says", INVALID_BODIES.values(), ids=INVALID_BODIES.keys())
+def test_an_invalid_body_is_400_and_writes_nothing(app, seeded, body, says):
+    before = snapshot(app)
+    error = assert_error(seeded.post("/mutate", json=body), 400, "invalid_request")
+    assert says in error["message"]
+    assert snapshot(app) == before
+
+
+def test_every_invalid_change_is_reported_and_the_valid_ones_are_not_written(app, seeded):
+    before = snapshot(app)
+    changes = [todo("t2", "g1"), update("Todo", "t1", isDone="no"), todo("t3", "g1"), delete("Robot", "r")]
+
+    error = assert_error(seeded.post("/mutate", json={"changes": changes}), 400, "invalid_request")
+
+    assert set(error["details"]["changes"]) == {"1", "3"}
+    assert "changes.1.data.isDone" in error["message"] and "changes.3.modelName" in error["message"]
+    assert snapshot(app) == before
