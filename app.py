@@ -24,6 +24,7 @@ from typing import Any
 
 import click
 from flask import Blueprint, Flask, current_app, request
+from flask.cli import with_appcontext
 from marshmallow import Schema, ValidationError, fields, post_load, validate, validates_schema
 from sqlalchemy import event, func, select
 from sqlalchemy.engine import Engine
@@ -526,6 +527,7 @@ def describe(messages: Any, path: str = "") -> list[str]:
 
 
 @click.command("init-db")
+@with_appcontext
 def init_db_command():
     """Drop every table and create them empty."""
     db.drop_all()
@@ -555,6 +557,7 @@ SEED_CHANGES = [
 
 
 @click.command("seed")
+@with_appcontext
 def seed_command():
     """Load a small demo data set, through the same path as /mutate."""
     mutation = load(MutateSchema(), {"changes": SEED_CHANGES})

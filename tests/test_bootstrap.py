@@ -1,0 +1,98 @@
+"""GET /bootstrap: model rows plus the firstSyncId they reflect, from one snapshot."""
+
+import threading
+
+import pytest
+
+import app as app_module
+from helpers import as_store, assert_error, mutate, read_log, replay, todo
+
+
+def test_eager_bootstrap_returns_every_row_of_the_requested_models(seeded):
+    mutate(seeded, todo("t2", "g2"))
+
+    body = seeded.get("/bootstrap?type=eager&models=Todo,Author").get_json()
+
+    assert list(body) == ["bootstrap", "firstSyncId", "syncGroups"]
+    assert list(body["bootstrap"]) == ["Todo", "Author"]
+    assert [t["id"] for t in body["bootstrap"]["Todo"]] == ["t1", "t2"]
+    assert body["bootstrap"]["Author"] == [{"id": "a1", "name": "Ada"}, {"id": "a2", "name": "Grace"}]
+    assert body["firstSyncId"] == 6
+    assert body["syncGroups"] == ["all", "group:g1", "group:g2"]
+
+
+def test_every_requested_model_has_a_key_even_when_empty(client):
+    body = client.get("/bootstrap?type=eager&models=Group,Author,Todo").get_json()
+    assert body == {"bootstrap": {"Group": [], "Author": [], "Todo": []}, "firstSyncId": 0, "syncGroups": ["all"]}
+
+
+def test_an_empty_model_list_is_allowed(seeded):
+    body = seeded.get("/bootstrap?type=eager&models=").get_json()
+    assert body == {"bootstrap": {}, "firstSyncId": 5, "syncGroups": ["all", "group:g1", "group:g2"]}
+
+
+def test_lazy_bootstrap_returns_only_rows_in_the_requested_groups(seeded):
+    mutate(seeded, todo("t2", "g2"), todo("t3", "g1"))
+
+    body = seeded.get("/bootstrap?type=lazy&models=Todo,Group,Author&syncGroups=group:g1").get_json()
+
+    assert [t["id"] for t in body["bootstrap"]["Todo"]] == ["t1", "t3"]
+    assert body["bootstrap"]["Group"] == [{"id": "g1", "name": "Group g1"}]
+    assert body["bootstrap"]["Author"] == []  # Authors are in "all", which was not asked for
+    assert body["syncGroups"] == ["group:g1"]
+    assert body["firstSyncId"] == 7
+
+
+def test_lazy_bootstrap_of_several_groups_serves_each_of_them(seeded):
+    mutate(seeded, todo("t2", "g2"))
+
+    body = seeded.get("/bootstrap?type=lazy&models=Todo,Author&syncGroups=group:g2,all").get_json()
+
+    assert [t["id"] for t in body["bootstrap"]["Todo"]] == ["t2"]
+    assert [a["id"] for a in body["bootstrap"]["Author"]] == ["a1", "a2"]
+    assert body["syncGroups"] == ["group:g2", "all"]
+
+
+def test_rows_and_first_sync_id_come_from_one_snapshot(app, seeded, monkeypatch):
+    """A writer commits after the endpoint has read the rows and before it
+    reads the head: firstSyncId must still be the head those rows reflect."""
+    committed = []
+    read_head = app_module.read_head
+
+    def read_head_after_a_concurrent_commit():
+        writer = threading.Thread(target=lambda: committed.append(mutate(app.test_client(), todo("t2", "g1"))))
+        writer.start()
+        writer.join()
+        return read_head()
+
+    monkeypatch.setattr(app_module, "read_head", read_head_after_a_concurrent_commit)
+    body = seeded.get("/bootstrap?type=eager&models=Todo").get_json()
+    monkeypatch.undo()
+
+    assert committed == [{"lastSyncId": 6}]  # the writer did commit in between
+    assert [t["id"] for t in body["bootstrap"]["Todo"]] == ["t1"]
+    assert body["firstSyncId"] == 5
+    # So a client that bootstraps, then replays from firstSyncId, lands on the server's rows.
+    store = replay(read_log(seeded, since=body["firstSyncId"]), as_store(body["bootstrap"]))
+    assert store == as_store(seeded.get("/bootstrap?type=eager&models=Todo").get_json()["bootstrap"])
+
+
+INVALID = {
+    "no type": ("models=Todo", "type: Missing data for required field"),
+    "unknown type": ("type=full&models=Todo", "type: Must be one of: eager, lazy"),
+    "no models": ("type=eager", "models: Missing data for required field"),
+    "unknown model": ("type=eager&models=Todo,Robot", "models: Unknown model 'Robot'. Known models: Author, Group, Todo"),
+    "empty model name": ("type=eager&models=Todo,,Group", "models: Unknown model ''"),
+    "lazy without syncGroups": ("type=lazy&models=Todo", "syncGroups: A lazy bootstrap names the sync groups it loads"),
+    "lazy with no groups": ("type=lazy&models=Todo&syncGroups=", "syncGroups: Must list at least one entry"),
+    "malformed group": ("type=lazy&models=Todo&syncGroups=team:g1", "syncGroups: Malformed sync group 'team:g1'"),
+    "group without id": ("type=lazy&models=Todo&syncGroups=group:", "syncGroups: Malformed sync group 'group:'"),
+    "eager with syncGroups": ("type=eager&models=Todo&syncGroups=all", "syncGroups: Only a lazy bootstrap takes syncGroups"),
+    "unknown parameter": ("type=eager&models=Todo&model=Group", "model: Unknown field"),
+}
+
+
+@pytest.mark.parametrize("query, says", INVALID.values(), ids=INVALID.keys())
+def test_an_invalid_bootstrap_request_is_400(seeded, query, says):
+    error = assert_error(seeded.get(f"/bootstrap?{query}"), 400, "invalid_request")
+    assert says in error["message"]

@@ -1,0 +1,91 @@
+"""Every refusal is JSON in one shape, with the Loco Sync error type that makes the client do the right thing."""
+
+import sqlite3
+
+from app import create_app
+from helpers import assert_error, database_path, mutate, snapshot, todo
+
+
+def test_an_unknown_route_is_a_json_404(client):
+    error = assert_error(client.get("/nope"), 404, "not_found")
+    assert "/nope" in error["message"] and "POST /mutate" in error["message"]
+
+
+def test_a_wrong_method_is_a_json_405_naming_the_allowed_ones(client):
+    response = client.get("/mutate")
+    assert_error(response, 405, "method_not_allowed")
+    assert "POST" in response.headers["Allow"]
+
+
+def test_a_body_over_one_mebibyte_is_413_and_writes_nothing(app, seeded):
+    before = snapshot(app)
+    huge = todo("t2", "g1", text="x" * (1024 * 1024))
+    error = assert_error(seeded.post("/mutate", json={"changes": [huge]}), 413, "payload_too_large")
+    assert "1048576 bytes" in error["message"]
+    assert snapshot(app) == before
+
+
+def test_a_body_that_is_not_json_is_415(app, seeded):
+    before = snapshot(app)
+    assert_error(seeded.post("/mutate", data="changes=[]", content_type="text/plain"), 415, "unsupported_media_type")
+    assert_error(seeded.post("/mutate", data={"changes": "[]"}), 415, "unsupported_media_type")
+    assert snapshot(app) == before
+
+
+BROKEN_JSON = {
+    "truncated": b'{"changes": [',
+    "not utf-8": b'{"changes": "\xff"}',
+    "NaN": b'{"changes": [], "transactionId": NaN}',
+    "deep nesting": b"[" * 200_000 + b"]" * 200_000,
+    "a 5000-digit integer": b'{"changes": ' + b"9" * 5000 + b"}",
+    "empty": b"",
+}
+
+
+def test_a_body_that_is_not_valid_json_is_400_and_writes_nothing(app, seeded):
+    before = snapshot(app)
+    for name, raw in BROKEN_JSON.items():
+        response = seeded.post("/mutate", data=raw, content_type="application/json")
+        error = assert_error(response, 400, "invalid_json")
+        assert error["message"].startswith("The body is not valid JSON"), name
+    assert snapshot(app) == before
+
+
+def test_an_unexpected_failure_is_a_json_500_of_type_server(app):
+    def broken():
+        raise RuntimeError("boom")
+
+    app.add_url_rule("/broken", view_func=broken)
+    error = assert_error(app.test_client().get("/broken"), 500, "internal_error")
+    assert "boom" not in error["message"]  # internals stay in the log
+
+
+def test_a_database_locked_by_another_writer_is_503_network_with_retry_after(tmp_path):
+    app = create_app(
+        {
+            "TESTING": True,
+            "SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path / 'loco.sqlite3'}",
+            "SQLITE_BUSY_TIMEOUT_MS": 20,
+            "BUSY_RETRIES": 2,
+            "BUSY_BACKOFF_S": 0.01,
+        }
+    )
+    client = app.test_client()
+    mutate(client, {"action": "create", "modelName": "Group", "modelId": "g1", "data": {"id": "g1", "name": "G"}})
+    before = snapshot(app)
+
+    other_writer = sqlite3.connect(database_path(app), isolation_level=None)
+    other_writer.execute("BEGIN IMMEDIATE")
+    try:
+        response = client.post("/mutate", json={"changes": [todo("t1", "g1")]})
+        error = assert_error(response, 503, "database_busy", type="network")
+        assert response.headers["Retry-After"] == "1"
+        assert "nothing was written" in error["message"]
+    finally:
+        other_writer.rollback()
+        other_writer.close()
+
+    assert snapshot(app) == before
+    # Type network makes the client retry, and once the lock is gone the retry succeeds.
+    mutate(client, {"action": "create", "modelName": "Author", "modelId": "a1", "data": {"id": "a1", "name": "A"}})
+    assert mutate(client, todo("t1", "g1")) == {"lastSyncId": 3}

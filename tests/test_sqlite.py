@@ -1,0 +1,66 @@
+"""How SQLite is set up: durable, serializable writes and one snapshot per read."""
+
+import sqlite3
+
+from sqlalchemy import event, text
+
+from helpers import database_path, mutate, todo
+from models import db
+
+
+def test_connections_use_wal_full_sync_foreign_keys_and_a_busy_timeout(app):
+    with app.app_context():
+
+        def pragma(name):
+            return db.session.execute(text(f"PRAGMA {name}")).scalar()
+
+        assert pragma("journal_mode") == "wal"
+        assert pragma("synchronous") == 2  # FULL
+        assert pragma("foreign_keys") == 1
+        assert pragma("busy_timeout") == app.config["SQLITE_BUSY_TIMEOUT_MS"]
+
+
+def record_statements(app) -> list[str]:
+    """The statements the app sends from now on: 'BEGIN <mode>' or the first keyword."""
+    statements: list[str] = []
+
+    def record(_connection, _cursor, statement, *_):
+        words = statement.split()
+        statements.append(" ".join(words[:2]) if words[0] == "BEGIN" else words[0])
+
+    with app.app_context():
+        event.listen(db.engine, "before_cursor_execute", record)
+    return statements
+
+
+def test_a_mutation_takes_the_write_lock_at_begin(app, seeded):
+    statements = record_statements(app)
+    mutate(seeded, todo("t2", "g1"))
+    assert statements[0] == "BEGIN IMMEDIATE"
+    assert "INSERT" in statements
+
+
+def test_reads_run_in_one_explicit_transaction(app, seeded):
+    statements = record_statements(app)
+    seeded.get("/bootstrap?type=eager&models=Todo,Group")
+    assert statements[0] == "BEGIN DEFERRED"
+    assert statements.count("BEGIN DEFERRED") == 1
+    assert statements.count("SELECT") >= 3  # groups, each model, the head: all after that one BEGIN
+
+
+def test_a_sync_id_is_never_handed_out_twice(app, seeded):
+    with sqlite3.connect(database_path(app)) as connection:
+        connection.execute("DELETE FROM sync_action_group WHERE sync_action_id = 5")
+        connection.execute("DELETE FROM sync_action WHERE id = 5")
+    assert mutate(seeded, todo("t2", "g1")) == {"lastSyncId": 6}
+
+
+def test_the_group_join_table_is_indexed_for_group_and_range_lookups(app, seeded):
+    with sqlite3.connect(database_path(app)) as connection:
+        plan = connection.execute(
+            "EXPLAIN QUERY PLAN SELECT sync_action_id FROM sync_action_group "
+            "WHERE sync_group IN ('all', 'group:g1') AND sync_action_id > 3 ORDER BY sync_action_id"
+        ).fetchall()
+    details = " ".join(row[-1] for row in plan)
+    assert "USING" in details and "INDEX" in details, details
+    assert "sync_group=? AND sync_action_id>?" in details, details

@@ -1,0 +1,141 @@
+"""GET /sync: the handshake, and the sync actions after a syncId, in order, with no gaps."""
+
+import threading
+
+import pytest
+
+import app as app_module
+from helpers import as_store, assert_error, delete, mutate, read_log, replay, todo, update
+
+
+def test_the_handshake_gives_the_head_and_the_callers_sync_groups(seeded):
+    body = seeded.get("/sync").get_json()
+    assert body == {"sync": [], "lastSyncId": 5, "syncGroups": ["all", "group:g1", "group:g2"], "hasMore": False}
+
+
+def test_the_handshake_of_an_empty_database_is_zero(client):
+    assert client.get("/sync").get_json()["lastSyncId"] == 0
+
+
+def test_since_returns_the_actions_after_it_in_order(seeded):
+    mutate(seeded, todo("t2", "g2"), update("Todo", "t1", isDone=True))
+    mutate(seeded, delete("Todo", "t2"))
+
+    body = seeded.get("/sync?since=5").get_json()
+
+    assert [(a["syncId"], a["action"], a["modelId"]) for a in body["sync"]] == [
+        (6, "insert", "t2"),
+        (7, "update", "t1"),
+        (8, "delete", "t2"),
+    ]
+    assert body["lastSyncId"] == 8
+    assert body["hasMore"] is False
+    assert body["syncGroups"] == ["all", "group:g1", "group:g2"]
+
+
+def test_a_poll_at_the_head_is_empty_and_keeps_the_cursor(seeded):
+    assert seeded.get("/sync?since=5").get_json() == {
+        "sync": [],
+        "lastSyncId": 5,
+        "syncGroups": ["all", "group:g1", "group:g2"],
+        "hasMore": False,
+    }
+
+
+def test_until_bounds_the_range_inclusively(seeded):
+    body = seeded.get("/sync?since=1&until=3").get_json()
+    assert [a["syncId"] for a in body["sync"]] == [2, 3]
+    assert body["lastSyncId"] == 3
+    assert body["hasMore"] is False
+
+
+def test_until_past_the_head_stops_the_cursor_at_the_head(seeded):
+    body = seeded.get("/sync?since=3&until=99").get_json()
+    assert [a["syncId"] for a in body["sync"]] == [4, 5]
+    assert body["lastSyncId"] == 5  # not 99: actions 6..99 may still be written
+
+
+def test_limit_pages_the_log_and_has_more_says_another_page_follows(seeded):
+    pages, since = [], 0
+    while True:
+        body = seeded.get(f"/sync?since={since}&limit=2").get_json()
+        pages.append(([a["syncId"] for a in body["sync"]], body["lastSyncId"], body["hasMore"]))
+        since = body["lastSyncId"]
+        if not body["hasMore"]:
+            break
+    assert pages == [([1, 2], 2, True), ([3, 4], 4, True), ([5], 5, False)]
+
+
+def test_a_page_that_ends_exactly_at_the_head_has_no_more(seeded):
+    body = seeded.get("/sync?since=3&limit=2").get_json()
+    assert ([a["syncId"] for a in body["sync"]], body["lastSyncId"], body["hasMore"]) == ([4, 5], 5, False)
+
+
+def test_paging_within_until_stops_at_until(seeded):
+    first = seeded.get("/sync?since=0&until=3&limit=2").get_json()
+    second = seeded.get(f"/sync?since={first['lastSyncId']}&until=3&limit=2").get_json()
+    assert ([a["syncId"] for a in first["sync"]], first["hasMore"]) == ([1, 2], True)
+    assert ([a["syncId"] for a in second["sync"]], second["lastSyncId"], second["hasMore"]) == ([3], 3, False)
+
+
+def test_the_default_limit_is_1000(seeded):
+    mutate(seeded, *(update("Todo", "t1", likeCount=n) for n in range(1000)))
+    body = seeded.get("/sync?since=0").get_json()
+    assert (len(body["sync"]), body["lastSyncId"], body["hasMore"]) == (1000, 1000, True)
+    assert seeded.get("/sync?since=1000").get_json()["sync"][-1]["syncId"] == 1005
+
+
+def test_a_cursor_past_the_head_is_refused_because_the_database_was_reset(seeded):
+    error = assert_error(seeded.get("/sync?since=6"), 409, "cursor_ahead")
+    assert "Bootstrap again" in error["message"]
+
+
+def test_replaying_the_log_from_zero_reproduces_the_rows(seeded):
+    mutate(seeded, todo("t2", "g2"), update("Todo", "t1", text="edited", likeCount=4))
+    mutate(seeded, delete("Todo", "t2"), update("Author", "a2", name="G. Hopper"), delete("Group", "g2"))
+
+    store = replay(read_log(seeded))
+
+    everything = seeded.get("/bootstrap?type=eager&models=Group,Author,Todo").get_json()["bootstrap"]
+    assert store == as_store(everything)
+
+
+def test_the_cursor_never_passes_an_action_the_response_did_not_carry(app, seeded, monkeypatch):
+    """A writer commits after the endpoint has read the head: the page stops
+    at that head, and the next poll returns the new action."""
+    read_head = app_module.read_head
+
+    def read_head_then_a_concurrent_commit():
+        head = read_head()
+        writer = threading.Thread(target=lambda: mutate(app.test_client(), todo("t2", "g1")))
+        writer.start()
+        writer.join()
+        return head
+
+    monkeypatch.setattr(app_module, "read_head", read_head_then_a_concurrent_commit)
+    body = seeded.get("/sync?since=4").get_json()
+    monkeypatch.undo()
+
+    assert ([a["syncId"] for a in body["sync"]], body["lastSyncId"]) == ([5], 5)
+    assert [a["syncId"] for a in seeded.get("/sync?since=5").get_json()["sync"]] == [6]
+
+
+INVALID = {
+    "since not a number": ("since=abc", "since: Must be a non-negative integer"),
+    "negative since": ("since=-1", "since: Must be a non-negative integer"),
+    "fractional since": ("since=1.5", "since: Must be a non-negative integer"),
+    "empty since": ("since=", "since: Must be a non-negative integer"),
+    "since with spaces": ("since=%201", "since: Must be a non-negative integer"),
+    "since over 64 bits": ("since=9223372036854775808", "since: Must be a non-negative integer"),
+    "until below since": ("since=4&until=3", "until: until (3) must not be less than since (4)"),
+    "until without since": ("until=3", "until: until needs since"),
+    "zero limit": ("since=0&limit=0", "limit: Must be between 1 and 5000"),
+    "limit over 5000": ("since=0&limit=5001", "limit: Must be between 1 and 5000"),
+    "unknown parameter": ("sinse=3", "sinse: Unknown field"),
+}
+
+
+@pytest.mark.parametrize("query, says", INVALID.values(), ids=INVALID.keys())
+def test_an_invalid_sync_request_is_400(seeded, query, says):
+    error = assert_error(seeded.get(f"/sync?{query}"), 400, "invalid_request")
+    assert says in error["message"]
