@@ -62,6 +62,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         SQLITE_BUSY_TIMEOUT_MS=2000,  # how long one attempt waits for the write lock
         BUSY_RETRIES=3,  # further attempts, with backoff, before answering 503
         BUSY_BACKOFF_S=0.05,
+        CORS_ORIGIN="*",  # which browser origins may call the API
     )
     if test_config is None:
         app.config.from_pyfile("config.py", silent=True)
@@ -73,15 +74,27 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     db.init_app(app)
     with app.app_context():
         configure_sqlite(db.engine, app.config["SQLITE_BUSY_TIMEOUT_MS"])
-        db.create_all()
+        create_tables()
 
     app.register_blueprint(api)
+    app.after_request(allow_cross_origin)
     app.register_error_handler(ApiError, error_response)
     app.register_error_handler(HTTPException, http_error)
     app.register_error_handler(Exception, unexpected_error)
     app.cli.add_command(init_db_command)
     app.cli.add_command(seed_command)
     return app
+
+
+def allow_cross_origin(response):
+    # Client prototypes often run on another origin (a dev server). The API
+    # uses no cookies, so a page can only send what it could send anyway.
+    response.headers["Access-Control-Allow-Origin"] = current_app.config["CORS_ORIGIN"]
+    response.headers["Access-Control-Allow-Methods"] = "GET, POST"
+    response.headers["Access-Control-Allow-Headers"] = "Content-Type, Authorization"
+    response.headers["Access-Control-Expose-Headers"] = "Retry-After"
+    response.headers["Access-Control-Max-Age"] = "600"
+    return response
 
 
 # --- 2. Database setup ------------------------------------------------------
@@ -105,6 +118,15 @@ def configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
         # writers queue up instead of deadlocking on a lock upgrade.
         mode = connection.get_execution_options().get("sqlite_begin", "DEFERRED")
         connection.exec_driver_sql(f"BEGIN {mode}")
+
+
+def create_tables(drop_first: bool = False) -> None:
+    # Under the write lock, so server processes starting together do not race.
+    with db.engine.connect() as connection:
+        with connection.execution_options(sqlite_begin="IMMEDIATE").begin():
+            if drop_first:
+                db.metadata.drop_all(connection)
+            db.metadata.create_all(connection)
 
 
 def read_head() -> int:
@@ -530,8 +552,7 @@ def describe(messages: Any, path: str = "") -> list[str]:
 @with_appcontext
 def init_db_command():
     """Drop every table and create them empty."""
-    db.drop_all()
-    db.create_all()
+    create_tables(drop_first=True)
     click.echo(f"Initialized an empty database at {db.engine.url.database}")
 
 

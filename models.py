@@ -103,8 +103,8 @@ class Int64(fields.Integer):
         return super()._deserialize(value, attr, data, **kwargs)
 
 
-def model_id(**kwargs) -> fields.String:
-    return fields.String(validate=validate.Length(1, MAX_ID_LENGTH), **kwargs)
+def model_id(*checks, **kwargs) -> fields.String:
+    return fields.String(validate=[validate.Length(1, MAX_ID_LENGTH), *checks], **kwargs)
 
 
 class StrictBoolean(fields.Boolean):
@@ -124,6 +124,8 @@ class RowSchema(Schema):
 
 
 class GroupSchema(RowSchema):
+    # Sync group names travel comma-separated in query strings.
+    id = model_id(validate.Regexp(r"^[^,]*$", error="A Group id cannot contain a comma."), required=True)
     name = fields.String(required=True)
 
 

@@ -191,6 +191,7 @@ INVALID = {
     "update that sets id": ([update("Todo", "t1", id="t1")], "changes.0.data.id: An update cannot set id"),
     "update without data": ([{"action": "update", "modelName": "Todo", "modelId": "t1"}], "changes.0.data: Missing data"),
     "delete with data": ([{**delete("Todo", "t1"), "data": {}}], "changes.0.data: A delete change carries no data"),
+    "group id with a comma": ([group("g,3")], "changes.0.data.id: A Group id cannot contain a comma"),
     "empty modelId": ([create("Group", "", name="x")], "changes.0.modelId: Length must be between 1 and 255"),
     "modelId over 255 characters": ([delete("Todo", "x" * 256)], "changes.0.modelId: Length must be between 1 and 255"),
     "change that is not an object": (["create t1"], "changes.0: Invalid input type"),

@@ -1,11 +1,16 @@
 """How SQLite is set up: durable, serializable writes and one snapshot per read."""
 
 import sqlite3
+import subprocess
+import sys
+from pathlib import Path
 
 from sqlalchemy import event, text
 
 from helpers import database_path, mutate, todo
 from models import db
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_connections_use_wal_full_sync_foreign_keys_and_a_busy_timeout(app):
@@ -64,3 +69,11 @@ def test_the_group_join_table_is_indexed_for_group_and_range_lookups(app, seeded
     details = " ".join(row[-1] for row in plan)
     assert "USING" in details and "INDEX" in details, details
     assert "sync_group=? AND sync_action_id>?" in details, details
+
+
+def test_server_processes_starting_together_on_a_new_file_all_create_it_cleanly(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'loco.sqlite3'}"
+    start = f"from app import create_app; create_app({{'SQLALCHEMY_DATABASE_URI': {uri!r}}})"
+    processes = [subprocess.Popen([sys.executable, "-c", start], cwd=ROOT, stderr=subprocess.PIPE) for _ in range(6)]
+    failures = [p.stderr.read().decode() for p in processes if p.wait(timeout=60) != 0]
+    assert failures == []
