@@ -19,6 +19,8 @@ import os
 import re
 import sqlite3
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,10 +28,10 @@ import click
 from flask import Blueprint, Flask, current_app, request
 from flask.cli import with_appcontext
 from marshmallow import Schema, ValidationError, fields, post_load, validate, validates_schema
-from sqlalchemy import event, func, select
-from sqlalchemy.engine import Engine
+from sqlalchemy import event, func, insert, select, text
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import OperationalError
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from models import (
     INT64,
@@ -40,6 +42,7 @@ from models import (
     SyncAction,
     SyncActionGroup,
     SyncedModel,
+    SyncLogStart,
     db,
     model_id,
 )
@@ -74,7 +77,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     db.init_app(app)
     with app.app_context():
         configure_sqlite(db.engine, app.config["SQLITE_BUSY_TIMEOUT_MS"])
-        create_tables()
+        with write_locked() as connection:  # so server processes starting together do not race
+            db.metadata.create_all(connection)
 
     app.register_blueprint(api)
     app.after_request(allow_cross_origin)
@@ -120,18 +124,22 @@ def configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
         connection.exec_driver_sql(f"BEGIN {mode}")
 
 
-def create_tables(drop_first: bool = False) -> None:
-    # Under the write lock, so server processes starting together do not race.
+@contextmanager
+def write_locked() -> Iterator[Connection]:
+    """A connection holding the write lock from BEGIN; commits when the block ends."""
     with db.engine.connect() as connection:
         with connection.execution_options(sqlite_begin="IMMEDIATE").begin():
-            if drop_first:
-                db.metadata.drop_all(connection)
-            db.metadata.create_all(connection)
+            yield connection
 
 
-def read_head() -> int:
+def read_head(reader=db.session) -> int:
     """The greatest syncId, as seen by the current transaction's snapshot."""
-    return db.session.scalar(select(func.max(SyncAction.id))) or 0
+    return reader.scalar(select(func.max(SyncAction.id))) or read_log_start(reader)
+
+
+def read_log_start(reader=db.session) -> int:
+    """The cursor this database's log starts from: 0, or above the log init-db wiped."""
+    return reader.scalar(select(SyncLogStart.after_sync_id)) or 0
 
 
 def caller_sync_groups() -> list[str]:
@@ -384,7 +392,7 @@ class BootstrapQuerySchema(Schema):
 
 @api.get("/bootstrap")
 def bootstrap():
-    query = load(BootstrapQuerySchema(), request.args)
+    query = load(BootstrapQuerySchema(), query_args())
     # Everything below runs in this request's one read transaction, so the
     # rows and firstSyncId come from the same snapshot (see configure_sqlite).
     if query["type"] == "eager":
@@ -420,15 +428,16 @@ class SyncQuerySchema(Schema):
 
     @validates_schema
     def until_follows_since(self, query, **_):
-        if "until" in query and "since" not in query:
-            raise ValidationError("until needs since.", "until")
+        for needs_since in ("until", "limit"):
+            if needs_since in query and "since" not in query:
+                raise ValidationError(f"{needs_since} needs since.", needs_since)
         if "until" in query and query["until"] < query["since"]:
             raise ValidationError(f"until ({query['until']}) must not be less than since ({query['since']}).", "until")
 
 
 @api.get("/sync")
 def sync():
-    query = load(SyncQuerySchema(), request.args)
+    query = load(SyncQuerySchema(), query_args())
     # One read transaction: the head and the actions come from one snapshot,
     # so the cursor never moves past an action this response did not carry.
     head = read_head()
@@ -437,12 +446,13 @@ def sync():
         return {"sync": [], "lastSyncId": head, "syncGroups": sync_groups, "hasMore": False}
 
     since, limit = query["since"], query.get("limit", DEFAULT_LIMIT)
-    if since > head:
+    log_start = read_log_start()
+    if not log_start <= since <= head:
         raise ApiError(
             409,
-            "cursor_ahead",
-            f"since={since} is past the newest syncId {head}: the database was reset since this "
-            "client synced. Bootstrap again.",
+            "unknown_cursor",
+            f"since={since} is not a cursor of this database, whose log runs from {log_start} to {head}: "
+            "the database was reset after this client synced. Bootstrap again.",
         )
     until = min(query.get("until", head), head)
     actions = db.session.scalars(
@@ -509,15 +519,28 @@ def unexpected_error(error: Exception):
 def json_body() -> Any:
     if not request.is_json:
         raise ApiError(415, "unsupported_media_type", "Send a JSON body with Content-Type: application/json.")
-    raw = request.get_data(cache=False)  # over MAX_CONTENT_LENGTH, this raises 413
+    raw = request.get_data(cache=False)  # a Content-Length over the limit raises 413 here
+    if request.content_length is None and len(raw) >= current_app.config["MAX_CONTENT_LENGTH"]:
+        raise RequestEntityTooLarge()  # a chunked body is cut at the limit, not refused: refuse it
     try:
-        return json.loads(raw, parse_constant=reject_constant)
+        body = json.loads(raw, parse_constant=reject_constant)
+        # "\ud800" parses to a lone surrogate, which no database can store as text.
+        json.dumps(body, ensure_ascii=False).encode()
     except (ValueError, RecursionError) as error:
         raise ApiError(400, "invalid_json", f"The body is not valid JSON: {error}") from None
+    return body
 
 
 def reject_constant(name: str):
     raise ValueError(f"{name} is not JSON")
+
+
+def query_args() -> dict[str, str]:
+    repeated = {key: len(values) for key, values in request.args.lists() if len(values) > 1}
+    if repeated:
+        messages = {key: [f"Given {count} times; give it once."] for key, count in repeated.items()}
+        raise ApiError(400, "invalid_request", " ".join(f"{k}: {m[0]}" for k, m in messages.items()), details=messages)
+    return request.args.to_dict()
 
 
 def load(schema: Schema, data: Any) -> Any:
@@ -552,7 +575,16 @@ def describe(messages: Any, path: str = "") -> list[str]:
 @with_appcontext
 def init_db_command():
     """Drop every table and create them empty."""
-    create_tables(drop_first=True)
+    with write_locked() as connection:
+        old_head = read_head(connection)
+        db.metadata.drop_all(connection)
+        db.metadata.create_all(connection)
+        if old_head:
+            # Start the new log above the old one, so /sync can tell a client
+            # that still holds a cursor of the wiped database to bootstrap again.
+            log_start = old_head + 1
+            connection.execute(insert(SyncLogStart).values(after_sync_id=log_start))
+            connection.execute(text("INSERT INTO sqlite_sequence (name, seq) VALUES ('sync_action', :seq)"), {"seq": log_start})
     click.echo(f"Initialized an empty database at {db.engine.url.database}")
 
 

@@ -206,6 +206,14 @@ class SyncActionGroup(db.Model):
     __table_args__ = (Index("ix_sync_action_group_action", "sync_action_id"),)
 
 
+class SyncLogStart(db.Model):
+    """At most one row: after `init-db` wipes a used database, its new log
+    starts above the old one, and cursors below the start are refused."""
+
+    __tablename__ = "sync_log_start"
+    after_sync_id: Mapped[int] = mapped_column(primary_key=True)
+
+
 class ClientTransaction(db.Model):
     """A committed client transaction, so that a retry is answered, not re-applied."""
 

@@ -1,4 +1,7 @@
+import threading
+
 import pytest
+from werkzeug.serving import make_server
 
 from app import create_app
 from helpers import create, group, mutate, todo
@@ -36,3 +39,14 @@ def seeded(client):
         todo("t1", "g1"),
     )
     return client
+
+
+@pytest.fixture
+def base_url(app):
+    """The app on a real threaded HTTP server on 127.0.0.1."""
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.port}"
+    server.shutdown()
+    thread.join()

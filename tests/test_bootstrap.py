@@ -88,6 +88,7 @@ INVALID = {
     "malformed group": ("type=lazy&models=Todo&syncGroups=team:g1", "syncGroups: Malformed sync group 'team:g1'"),
     "group without id": ("type=lazy&models=Todo&syncGroups=group:", "syncGroups: Malformed sync group 'group:'"),
     "eager with syncGroups": ("type=eager&models=Todo&syncGroups=all", "syncGroups: Only a lazy bootstrap takes syncGroups"),
+    "repeated models": ("type=eager&models=Todo&models=Group", "models: Given 2 times; give it once"),
     "unknown parameter": ("type=eager&models=Todo&model=Group", "model: Unknown field"),
 }
 

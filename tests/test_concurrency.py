@@ -9,25 +9,12 @@ import time
 import urllib.error
 import urllib.request
 
-import pytest
-from werkzeug.serving import make_server
-
 from helpers import as_store, create, delete, group, replay, todo, update
 
 WRITERS = 8
 TRANSACTIONS_PER_WRITER = 25
 POLLERS = 4
 GROUPS = ["g1", "g2", "g3"]
-
-
-@pytest.fixture
-def base_url(app):
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.port}"
-    server.shutdown()
-    thread.join()
 
 
 def call(base_url: str, path: str, body: dict | None = None) -> tuple[int, dict]:

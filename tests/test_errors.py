@@ -1,9 +1,15 @@
 """Every refusal is JSON in one shape, with the Loco Sync error type that makes the client do the right thing."""
 
+import http.client
+import json
 import sqlite3
+import threading
+from urllib.parse import urlsplit
+
+import app as app_module
 
 from app import create_app
-from helpers import assert_error, database_path, mutate, snapshot, todo
+from helpers import assert_error, database_path, group, mutate, snapshot, todo
 
 
 def test_an_unknown_route_is_a_json_404(client):
@@ -25,6 +31,27 @@ def test_a_body_over_one_mebibyte_is_413_and_writes_nothing(app, seeded):
     assert snapshot(app) == before
 
 
+def test_a_chunked_body_over_one_mebibyte_is_413_and_writes_nothing(app, seeded, base_url):
+    """Without a Content-Length the body is cut at the limit, where a valid
+    JSON prefix must not be applied: the request is refused whole."""
+    before = snapshot(app)
+    valid_prefix = json.dumps({"changes": [todo("t2", "g1")]}).encode()
+    padding = b" " * (1024 * 1024 + 100_000)  # JSON whitespace: only the size is wrong
+    connection = http.client.HTTPConnection(urlsplit(base_url).netloc, timeout=30)
+    connection.request(
+        "POST",
+        "/mutate",
+        body=iter([valid_prefix, padding]),  # an iterable body is sent chunked
+        headers={"Content-Type": "application/json"},
+    )
+    response = connection.getresponse()
+    body = json.load(response)
+
+    assert response.status == 413, body
+    assert body["error"]["code"] == "payload_too_large"
+    assert snapshot(app) == before
+
+
 def test_a_body_that_is_not_json_is_415(app, seeded):
     before = snapshot(app)
     assert_error(seeded.post("/mutate", data="changes=[]", content_type="text/plain"), 415, "unsupported_media_type")
@@ -39,6 +66,9 @@ BROKEN_JSON = {
     "deep nesting": b"[" * 200_000 + b"]" * 200_000,
     "a 5000-digit integer": b'{"changes": ' + b"9" * 5000 + b"}",
     "empty": b"",
+    "a lone surrogate in a string": b'{"changes": [{"action": "update", "modelName": "Author", "modelId": "a1", '
+    b'"data": {"name": "\\udfff"}}]}',
+    "a lone surrogate in a transactionId": b'{"changes": [], "transactionId": "\\ud800"}',
 }
 
 
@@ -89,3 +119,31 @@ def test_a_database_locked_by_another_writer_is_503_network_with_retry_after(tmp
     # Type network makes the client retry, and once the lock is gone the retry succeeds.
     mutate(client, {"action": "create", "modelName": "Author", "modelId": "a1", "data": {"id": "a1", "name": "A"}})
     assert mutate(client, todo("t1", "g1")) == {"lastSyncId": 3}
+
+
+def test_a_busy_database_is_retried_with_backoff_before_giving_up(tmp_path, monkeypatch):
+    """The lock is held longer than one busy timeout but less than the retries
+    last: the mutation succeeds, after waits that double."""
+    app = create_app(
+        {
+            "TESTING": True,
+            "SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path / 'loco.sqlite3'}",
+            "SQLITE_BUSY_TIMEOUT_MS": 20,
+            "BUSY_RETRIES": 6,
+            "BUSY_BACKOFF_S": 0.05,
+        }
+    )
+    waits = []
+    sleep = app_module.time.sleep
+    monkeypatch.setattr(app_module.time, "sleep", lambda seconds: (waits.append(seconds), sleep(seconds)))
+    other_writer = sqlite3.connect(database_path(app), isolation_level=None, check_same_thread=False)
+    other_writer.execute("BEGIN IMMEDIATE")
+    release = threading.Timer(0.3, other_writer.rollback)
+    release.start()
+    try:
+        assert mutate(app.test_client(), group("g1")) == {"lastSyncId": 1}
+    finally:
+        release.join()
+        other_writer.close()
+    assert len(waits) >= 2
+    assert waits == [0.05 * 2**n for n in range(len(waits))]

@@ -86,8 +86,8 @@ def test_the_default_limit_is_1000(seeded):
 
 
 def test_a_cursor_past_the_head_is_refused_because_the_database_was_reset(seeded):
-    error = assert_error(seeded.get("/sync?since=6"), 409, "cursor_ahead")
-    assert "Bootstrap again" in error["message"]
+    error = assert_error(seeded.get("/sync?since=6"), 409, "unknown_cursor")
+    assert "from 0 to 5" in error["message"] and "Bootstrap again" in error["message"]
 
 
 def test_replaying_the_log_from_zero_reproduces_the_rows(seeded):
@@ -131,6 +131,9 @@ INVALID = {
     "until without since": ("until=3", "until: until needs since"),
     "zero limit": ("since=0&limit=0", "limit: Must be between 1 and 5000"),
     "limit over 5000": ("since=0&limit=5001", "limit: Must be between 1 and 5000"),
+    "limit without since": ("limit=3", "limit: limit needs since"),
+    "repeated since": ("since=1&since=4", "since: Given 2 times; give it once"),
+    "repeated until": ("since=1&until=2&until=3", "until: Given 2 times; give it once"),
     "unknown parameter": ("sinse=3", "sinse: Unknown field"),
 }
 
