@@ -3,32 +3,35 @@
 Read top to bottom, this file follows the protocol:
   1. configuration                      create_app
   2. database setup                     configure_sqlite, read_head
-  3. POST /mutate    (sendTransaction)  commit_changes writes rows + sync actions
-  4. GET /bootstrap  (bootstrap)        rows and firstSyncId from one snapshot
-  5. GET /sync       (deltaSync, poll)  the sync actions after a syncId
-  6. errors                             ApiError and the JSON error shape
-  7. CLI                                init-db, seed
+  3. who is calling                     authenticate, caller_sync_groups
+  4. POST /mutate    (sendTransaction)  commit_changes writes rows + sync actions
+  5. GET /bootstrap  (bootstrap)        rows and firstSyncId from one snapshot
+  6. GET /sync       (deltaSync, poll)  the sync actions after a syncId
+  7. errors                             ApiError and the JSON error shape
+  8. CLI                                init-db, seed, create-user, add-member, remove-member
 Tables, wire schemas and sync-group rules live in models.py.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import re
+import secrets
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import click
-from flask import Blueprint, Flask, current_app, request
+from flask import Blueprint, Flask, current_app, g, request
 from flask.cli import with_appcontext
 from marshmallow import Schema, ValidationError, fields, post_load, validate, validates_schema
-from sqlalchemy import event, func, insert, select, text
+from sqlalchemy import delete, event, func, insert, select, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
@@ -39,15 +42,18 @@ from models import (
     SYNCED_MODELS,
     ClientTransaction,
     Group,
+    Membership,
     SyncAction,
     SyncActionGroup,
     SyncedModel,
     SyncLogStart,
+    User,
     db,
     model_id,
 )
 
 api = Blueprint("api", __name__)
+T = TypeVar("T")
 
 MAX_CHANGES = 1000
 DEFAULT_LIMIT = 1000
@@ -85,8 +91,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.register_error_handler(ApiError, error_response)
     app.register_error_handler(HTTPException, http_error)
     app.register_error_handler(Exception, unexpected_error)
-    app.cli.add_command(init_db_command)
-    app.cli.add_command(seed_command)
+    for command in (init_db_command, seed_command, create_user_command, add_member_command, remove_member_command):
+        app.cli.add_command(command)
     return app
 
 
@@ -142,13 +148,68 @@ def read_log_start(reader=db.session) -> int:
     return reader.scalar(select(SyncLogStart.after_sync_id)) or 0
 
 
-def caller_sync_groups() -> list[str]:
-    # Until users exist, every caller has every sync group.
-    group_ids = db.session.scalars(select(Group.id).order_by(Group.id))
-    return ["all"] + [f"group:{group_id}" for group_id in group_ids]
+# --- 3. Who is calling -----------------------------------------------------
 
 
-# --- 3. POST /mutate --------------------------------------------------------
+@api.before_request
+def authenticate() -> None:
+    """Every API request names its user with `Authorization: Bearer <token>`."""
+    if request.method == "OPTIONS":
+        return  # a CORS preflight carries no credentials
+    g.user_id = user_for_token(request.headers.get("Authorization"))
+
+
+TOKEN = re.compile(r"Bearer ([0-9]{1,18})\.([A-Za-z0-9_-]{1,100})")
+NO_SUCH_TOKEN = hashlib.sha256(b"").hexdigest()
+
+
+def user_for_token(header: str | None) -> int:
+    if not header:
+        raise unauthorized("Send the header Authorization: Bearer <token>.")
+    match = TOKEN.fullmatch(header.strip())
+    if match is None:
+        raise unauthorized("The Authorization header must be 'Bearer <token>', with a token as printed by "
+                           "`flask --app app create-user` or `seed`.")
+    user = db.session.get(User, int(match[1]))
+    # Compare hashes in constant time, and compare even when there is no such user.
+    known = hmac.compare_digest(sha256(match[2]), user.token_sha256 if user else NO_SUCH_TOKEN)
+    if not (user and known):
+        raise unauthorized("Unknown token.")
+    return user.id
+
+
+def unauthorized(message: str) -> ApiError:
+    return ApiError(401, "unauthorized", message, type="auth", headers={"WWW-Authenticate": "Bearer"})
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def caller_sync_groups(user_id: int) -> list[str]:
+    joined = db.session.scalars(select(Membership.sync_group).where(Membership.user_id == user_id).order_by(Membership.sync_group))
+    return ["all", *joined]
+
+
+def new_user(name: str) -> str:
+    """Add a user and return its token. Only a hash of the secret is kept, so this is the one chance to see it."""
+    secret = secrets.token_urlsafe(32)
+    user = User(name=name, token_sha256=sha256(secret))
+    db.session.add(user)
+    db.session.flush()
+    return f"{user.id}.{secret}"
+
+
+def join(user_id: int, sync_group: str) -> None:
+    if db.session.get(Membership, (user_id, sync_group)) is None:
+        db.session.add(Membership(user_id=user_id, sync_group=sync_group))
+
+
+def leave(user_id: int, sync_group: str) -> None:
+    db.session.execute(delete(Membership).where(Membership.user_id == user_id, Membership.sync_group == sync_group))
+
+
+# --- 4. POST /mutate --------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -206,7 +267,7 @@ class MutateSchema(Schema):
 def mutate():
     body = json_body()
     mutation = load(MutateSchema(), body)
-    last_sync_id = commit_changes(mutation["changes"], mutation.get("transaction_id"), fingerprint(body["changes"]))
+    last_sync_id = commit_changes(mutation["changes"], g.user_id, mutation.get("transaction_id"), fingerprint(body["changes"]))
     return {"lastSyncId": last_sync_id}
 
 
@@ -216,22 +277,27 @@ def fingerprint(changes: Any) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def commit_changes(changes: list[Change], transaction_id: str | None = None, changes_sha256: str = "") -> int:
+def commit_changes(changes: list[Change], user_id: int, transaction_id: str | None = None, changes_sha256: str = "") -> int:
     """Write the rows, one sync action per change and their group links in
-    one transaction, and return the greatest syncId it created.
+    one transaction, as `user_id`, and return the greatest syncId it created.
 
     This is the only place rows and sync actions are written. The transaction
     holds SQLite's write lock from BEGIN to COMMIT, so transactions commit in
     syncId order and a poller can never see syncId n+1 before n.
     """
+    return in_write_transaction(lambda: apply_transaction(changes, user_id, transaction_id, changes_sha256))
+
+
+def in_write_transaction(work: Callable[[], T]) -> T:
+    """Run `work` in one BEGIN IMMEDIATE transaction and commit it; retry while the database is busy."""
     config = current_app.config
     for attempt in range(config["BUSY_RETRIES"] + 1):
         try:
             db.session.close()  # start clean, so BEGIN IMMEDIATE is this transaction's first statement
             db.session.connection(execution_options={"sqlite_begin": "IMMEDIATE"})
-            last_sync_id = apply_transaction(changes, transaction_id, changes_sha256)
+            result = work()
             db.session.commit()
-            return last_sync_id
+            return result
         except OperationalError as error:
             db.session.rollback()
             if not is_busy(error):
@@ -254,9 +320,15 @@ def is_busy(error: OperationalError) -> bool:
     return getattr(error.orig, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
-def apply_transaction(changes: list[Change], transaction_id: str | None, changes_sha256: str) -> int:
+@dataclass
+class Caller:
+    user_id: int
+    sync_groups: set[str]  # as they stand at this point of the transaction
+
+
+def apply_transaction(changes: list[Change], user_id: int, transaction_id: str | None, changes_sha256: str) -> int:
     if transaction_id is not None:
-        done = db.session.get(ClientTransaction, transaction_id)
+        done = db.session.get(ClientTransaction, (user_id, transaction_id))
         if done is not None:
             if done.changes_sha256 != changes_sha256:
                 raise ApiError(
@@ -265,21 +337,33 @@ def apply_transaction(changes: list[Change], transaction_id: str | None, changes
                     f"transactionId {transaction_id!r} was already committed with different changes.",
                 )
             return done.last_sync_id  # a retry: answer it, write nothing
+    # Read inside the write transaction, so a membership change is either wholly before it or after it.
+    caller = Caller(user_id, set(caller_sync_groups(user_id)))
     last_sync_id = 0
     for index, change in enumerate(changes):
-        last_sync_id = apply_change(index, change)
+        last_sync_id = apply_change(index, change, caller)
     if transaction_id is not None:
-        db.session.add(ClientTransaction(transaction_id=transaction_id, changes_sha256=changes_sha256, last_sync_id=last_sync_id))
+        db.session.add(
+            ClientTransaction(
+                user_id=user_id, transaction_id=transaction_id, changes_sha256=changes_sha256, last_sync_id=last_sync_id
+            )
+        )
     return last_sync_id
 
 
-def apply_change(index: int, change: Change) -> int:
+def apply_change(index: int, change: Change, caller: Caller) -> int:
     """Apply one change to its row and log it as a sync action; return its syncId."""
     model = change.model
 
-    def reject(code: str, reason: str):
+    def reject(code: str, reason: str, status: int = 409):
         where = f"changes[{index}] ({change.action} {model.name} {change.model_id!r})"
-        raise ApiError(409, code, f"{where}: {reason}", details={"change": index})
+        raise ApiError(status, code, f"{where}: {reason}", details={"change": index})
+
+    def authorize(sync_groups: list[str]) -> None:
+        # Type server, not auth: the client retries an auth error forever, but rolls back on server.
+        outside = [group for group in sync_groups if group not in caller.sync_groups]
+        if outside:
+            reject("forbidden", f"you are not a member of {', '.join(outside)}.", status=403)
 
     with db.session.no_autoflush:  # check references before the database refuses them
         row = db.session.get(model.table, change.model_id)
@@ -287,13 +371,19 @@ def apply_change(index: int, change: Change) -> int:
             if row is not None:
                 reject("already_exists", f"{model.name} {change.model_id!r} already exists.")
             row = model.table(**change.data)
+            sync_groups = model.sync_groups.groups_of(row)
+            if model.owns_sync_group:  # whoever creates a sync group is its first member
+                for group in sync_groups:
+                    join(caller.user_id, group)
+                    caller.sync_groups.add(group)
+            authorize(sync_groups)
             check_references(model, row, reject)
             db.session.add(row)
-            sync_groups = model.sync_groups.groups_of(row)
         else:
             if row is None:
                 reject("does_not_exist", f"{model.name} {change.model_id!r} does not exist.")
             sync_groups = model.sync_groups.groups_of(row)
+            authorize(sync_groups)
             if change.action == "update":
                 for attribute, value in change.data.items():
                     setattr(row, attribute, value)
@@ -309,6 +399,9 @@ def apply_change(index: int, change: Change) -> int:
             else:
                 check_not_referenced(model, row, reject)
                 db.session.delete(row)
+                if model.owns_sync_group:  # a deleted sync group has no members left
+                    db.session.execute(delete(Membership).where(Membership.sync_group.in_(sync_groups)))
+                    caller.sync_groups.difference_update(sync_groups)
 
     sync_action = SyncAction(
         action={"create": "insert", "update": "update", "delete": "delete"}[change.action],
@@ -343,7 +436,7 @@ def check_not_referenced(model: SyncedModel, row: Any, reject) -> None:
                     )
 
 
-# --- 4. GET /bootstrap ------------------------------------------------------
+# --- 5. GET /bootstrap ------------------------------------------------------
 
 
 class CommaList(fields.Field):
@@ -396,9 +489,12 @@ def bootstrap():
     # Everything below runs in this request's one read transaction, so the
     # rows and firstSyncId come from the same snapshot (see configure_sqlite).
     if query["type"] == "eager":
-        sync_groups = caller_sync_groups()
+        sync_groups = caller_sync_groups(g.user_id)
     else:
-        sync_groups = query["sync_groups"]
+        sync_groups, allowed = query["sync_groups"], caller_sync_groups(g.user_id)
+        lacking = [group for group in sync_groups if group not in allowed]
+        if lacking:
+            raise ApiError(403, "forbidden", f"You are not a member of {', '.join(lacking)}.", type="auth")
     rows = {model.name: read_rows(model, sync_groups) for model in query["models"]}
     return {"bootstrap": rows, "firstSyncId": read_head(), "syncGroups": sync_groups}
 
@@ -409,7 +505,7 @@ def read_rows(model: SyncedModel, sync_groups: list[str]) -> list[dict[str, Any]
     return model.schema.dump(found, many=True)
 
 
-# --- 5. GET /sync -----------------------------------------------------------
+# --- 6. GET /sync -----------------------------------------------------------
 
 
 class SyncId(fields.Field):
@@ -441,7 +537,7 @@ def sync():
     # One read transaction: the head and the actions come from one snapshot,
     # so the cursor never moves past an action this response did not carry.
     head = read_head()
-    sync_groups = caller_sync_groups()
+    sync_groups = caller_sync_groups(g.user_id)
     if "since" not in query:  # the handshake
         return {"sync": [], "lastSyncId": head, "syncGroups": sync_groups, "hasMore": False}
 
@@ -455,24 +551,25 @@ def sync():
             "the database was reset after this client synced. Bootstrap again.",
         )
     until = min(query.get("until", head), head)
-    actions = db.session.scalars(
-        select(SyncAction)
-        .where(SyncAction.id > since, SyncAction.id <= until)
-        .order_by(SyncAction.id)
-        .limit(limit + 1)
-    ).all()
-    has_more = len(actions) > limit
-    actions = actions[:limit]
-    cursor = actions[-1].id if has_more else until
+    # A page scans `limit` syncIds and returns those the caller may see. The
+    # cursor moves past the ones it may not, so a long run of them can never
+    # make a request slow or stall a client.
+    cursor = min(until, since + limit)
+    visible = select(SyncActionGroup.sync_action_id).where(
+        SyncActionGroup.sync_group.in_(sync_groups),
+        SyncActionGroup.sync_action_id > since,
+        SyncActionGroup.sync_action_id <= cursor,
+    )
+    actions = db.session.scalars(select(SyncAction).where(SyncAction.id.in_(visible)).order_by(SyncAction.id))
     return {
         "sync": [action.to_wire() for action in actions],
         "lastSyncId": cursor,
         "syncGroups": sync_groups,
-        "hasMore": has_more,
+        "hasMore": cursor < until,
     }
 
 
-# --- 6. Errors --------------------------------------------------------------
+# --- 7. Errors --------------------------------------------------------------
 
 
 class ApiError(Exception):
@@ -568,7 +665,7 @@ def describe(messages: Any, path: str = "") -> list[str]:
     return [f"{path or 'body'}: {messages}"]
 
 
-# --- 7. CLI -----------------------------------------------------------------
+# --- 8. CLI -----------------------------------------------------------------
 
 
 @click.command("init-db")
@@ -612,10 +709,70 @@ SEED_CHANGES = [
 @click.command("seed")
 @with_appcontext
 def seed_command():
-    """Load a small demo data set, through the same path as /mutate."""
-    mutation = load(MutateSchema(), {"changes": SEED_CHANGES})
-    try:
-        last_sync_id = commit_changes(mutation["changes"])
-    except ApiError as error:
-        raise click.ClickException(f"{error.message} (run `flask --app app init-db` to start over)") from None
+    """Load demo users and rows, the rows through the same path as /mutate."""
+    if db.session.scalar(select(func.count()).select_from(User)):
+        raise click.ClickException("The database already has users; run `flask --app app init-db` to start over.")
+    changes = load(MutateSchema(), {"changes": SEED_CHANGES})["changes"]
+
+    def seed():
+        ada, grace = new_user("Ada"), new_user("Grace")
+        last_sync_id = apply_transaction(changes, user_id_of(ada), None, "")  # Ada creates g1 and g2, so joins both
+        join(user_id_of(grace), "group:g1")
+        return ada, grace, last_sync_id
+
+    ada, grace, last_sync_id = in_write_transaction(seed)
     click.echo(f"Seeded {len(SEED_CHANGES)} rows; lastSyncId is {last_sync_id}.")
+    click.echo("Demo users (send the token as Authorization: Bearer <token>):")
+    click.echo(f"  Ada    all, group:g1, group:g2   {ada}")
+    click.echo(f"  Grace  all, group:g1             {grace}")
+
+
+def user_id_of(token: str) -> int:
+    return int(token.partition(".")[0])
+
+
+@click.command("create-user")
+@click.argument("name")
+@click.option("--group", "group_ids", multiple=True, help="Id of a Group to join; may be repeated.")
+@with_appcontext
+def create_user_command(name: str, group_ids: tuple[str, ...]):
+    """Add a user and print its token (shown only now)."""
+    missing_group(group_ids)
+
+    def create():
+        token = new_user(name)
+        for group_id in group_ids:
+            join(user_id_of(token), f"group:{group_id}")
+        return token
+
+    token = in_write_transaction(create)
+    click.echo(f"User {user_id_of(token)} ({name}) token: {token}")
+
+
+@click.command("add-member")
+@click.argument("user_id", type=int)
+@click.argument("group_id")
+@with_appcontext
+def add_member_command(user_id: int, group_id: str):
+    """Give a user the sync group of a Group; it takes effect on the user's next request."""
+    if db.session.get(User, user_id) is None:
+        raise click.ClickException(f"There is no user {user_id}.")
+    missing_group([group_id])
+    in_write_transaction(lambda: join(user_id, f"group:{group_id}"))
+    click.echo(f"User {user_id} is a member of group:{group_id}.")
+
+
+@click.command("remove-member")
+@click.argument("user_id", type=int)
+@click.argument("group_id")
+@with_appcontext
+def remove_member_command(user_id: int, group_id: str):
+    """Take a Group's sync group from a user; its next request no longer sees that group."""
+    in_write_transaction(lambda: leave(user_id, f"group:{group_id}"))
+    click.echo(f"User {user_id} is not a member of group:{group_id}.")
+
+
+def missing_group(group_ids) -> None:
+    for group_id in group_ids:
+        if db.session.get(Group, group_id) is None:
+            raise click.ClickException(f"There is no Group {group_id!r}.")

@@ -24,6 +24,7 @@ class Base(DeclarativeBase):
 db = SQLAlchemy(model_class=Base)
 
 MAX_ID_LENGTH = 255
+SYNC_GROUP_LENGTH = len("group:") + MAX_ID_LENGTH
 INT64 = (-(2**63), 2**63 - 1)
 
 
@@ -62,6 +63,9 @@ class SyncedModel:
     table: type[db.Model]
     schema: Schema
     sync_groups: Everyone | InGroup
+    # The row *is* a sync group: creating it makes the creator a member,
+    # deleting it ends every membership of it.
+    owns_sync_group: bool = False
 
     def wire_name(self, attribute: str) -> str:
         return self.schema.fields[attribute].data_key or attribute
@@ -79,11 +83,11 @@ class SyncedModel:
 SYNCED_MODELS: dict[str, SyncedModel] = {}
 
 
-def synced(name: str, schema: type[Schema], sync_groups: Everyone | InGroup):
+def synced(name: str, schema: type[Schema], sync_groups: Everyone | InGroup, owns_sync_group: bool = False):
     """Register a table as a synced model under its wire name."""
 
     def register(table: type[db.Model]) -> type[db.Model]:
-        SYNCED_MODELS[name] = SyncedModel(name, table, schema(), sync_groups)
+        SYNCED_MODELS[name] = SyncedModel(name, table, schema(), sync_groups, owns_sync_group)
         return table
 
     return register
@@ -129,7 +133,7 @@ class GroupSchema(RowSchema):
     name = fields.String(required=True)
 
 
-@synced("Group", GroupSchema, InGroup("id"))
+@synced("Group", GroupSchema, InGroup("id"), owns_sync_group=True)
 class Group(db.Model):
     __tablename__ = "groups"
     id: Mapped[str] = mapped_column(String(MAX_ID_LENGTH), primary_key=True)
@@ -164,6 +168,26 @@ class Todo(db.Model):
     group_id: Mapped[str] = mapped_column(ForeignKey("groups.id"), index=True)
     is_done: Mapped[bool]
     like_count: Mapped[int]
+
+
+# --- Who may see what -------------------------------------------------------
+
+
+class User(db.Model):
+    """Someone with an API token. Only a hash of the token's secret is kept."""
+
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str]
+    token_sha256: Mapped[str] = mapped_column(String(64))
+
+
+class Membership(db.Model):
+    """A user's sync group beyond `all`, which every user has."""
+
+    __tablename__ = "memberships"
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), primary_key=True)
+    sync_group: Mapped[str] = mapped_column(String(SYNC_GROUP_LENGTH), primary_key=True, index=True)
 
 
 # --- The sync log -----------------------------------------------------------
@@ -201,7 +225,7 @@ class SyncActionGroup(db.Model):
 
     __tablename__ = "sync_action_group"
     # Primary key order serves `WHERE sync_group IN (...) AND sync_action_id > ?`.
-    sync_group: Mapped[str] = mapped_column(String(MAX_ID_LENGTH + 6), primary_key=True)
+    sync_group: Mapped[str] = mapped_column(String(SYNC_GROUP_LENGTH), primary_key=True)
     sync_action_id: Mapped[int] = mapped_column(ForeignKey("sync_action.id"), primary_key=True)
     __table_args__ = (Index("ix_sync_action_group_action", "sync_action_id"),)
 
@@ -218,6 +242,7 @@ class ClientTransaction(db.Model):
     """A committed client transaction, so that a retry is answered, not re-applied."""
 
     __tablename__ = "client_transaction"
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), primary_key=True)  # each user has its own ids
     transaction_id: Mapped[str] = mapped_column(String(MAX_ID_LENGTH), primary_key=True)
     changes_sha256: Mapped[str] = mapped_column(String(64))
     last_sync_id: Mapped[int]

@@ -4,7 +4,7 @@ import pytest
 from werkzeug.serving import make_server
 
 from app import create_app
-from helpers import create, group, mutate, todo
+from helpers import create, group, mutate, sign_in, todo
 from models import db
 
 
@@ -19,6 +19,12 @@ def app(tmp_path):
 
 @pytest.fixture
 def client(app):
+    """Signed in as Ada, who has only `all` until she creates or joins a Group."""
+    return sign_in(app, "Ada")
+
+
+@pytest.fixture
+def anonymous(app):
     return app.test_client()
 
 
@@ -29,7 +35,8 @@ def runner(app):
 
 @pytest.fixture
 def seeded(client):
-    """Groups g1 and g2, authors a1 and a2, and Todo t1 in g1: syncIds 1 to 5."""
+    """Ada creates groups g1 and g2 (so is a member of both), authors a1 and
+    a2, and Todo t1 in g1: syncIds 1 to 5."""
     mutate(
         client,
         group("g1"),

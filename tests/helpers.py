@@ -5,7 +5,37 @@ from __future__ import annotations
 import sqlite3
 from typing import Any
 
+from app import in_write_transaction, join, leave, new_user, user_id_of
 from models import SYNCED_MODELS
+
+
+def sign_in(app, name: str = "Ada", *sync_groups: str):
+    """A test client that sends a new user's token; the user has `all` and `sync_groups`."""
+
+    def create():
+        token = new_user(name)
+        for sync_group in sync_groups:
+            join(user_id_of(token), sync_group)
+        return token
+
+    with app.app_context():
+        token = in_write_transaction(create)
+    client = app.test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token}"
+    client.token, client.user_id = token, user_id_of(token)
+    return client
+
+
+def same_user(app, client):
+    """Another test client with `client`'s token, for use from another thread."""
+    other = app.test_client()
+    other.environ_base.update(client.environ_base)
+    return other
+
+
+def set_member(app, client, sync_group: str, member: bool = True) -> None:
+    with app.app_context():
+        in_write_transaction(lambda: (join if member else leave)(client.user_id, sync_group))
 
 
 def create(model: str, model_id: str, **fields: Any) -> dict:
@@ -58,7 +88,7 @@ def database_path(app) -> str:
 def snapshot(app) -> dict[str, list[tuple]]:
     """Every table's rows, read straight from the file: compare two to prove nothing was written."""
     tables = [m.table.__tablename__ for m in SYNCED_MODELS.values()]
-    tables += ["sync_action", "sync_action_group", "client_transaction"]
+    tables += ["sync_action", "sync_action_group", "client_transaction", "users", "memberships"]
     with sqlite3.connect(database_path(app)) as connection:
         return {table: connection.execute(f"SELECT * FROM {table} ORDER BY 1, 2").fetchall() for table in tables}
 

@@ -5,7 +5,7 @@ import threading
 import pytest
 
 import app as app_module
-from helpers import as_store, assert_error, mutate, read_log, replay, todo
+from helpers import same_user, as_store, assert_error, mutate, read_log, replay, todo
 
 
 def test_eager_bootstrap_returns_every_row_of_the_requested_models(seeded):
@@ -60,7 +60,7 @@ def test_rows_and_first_sync_id_come_from_one_snapshot(app, seeded, monkeypatch)
     read_head = app_module.read_head
 
     def read_head_after_a_concurrent_commit():
-        writer = threading.Thread(target=lambda: committed.append(mutate(app.test_client(), todo("t2", "g1"))))
+        writer = threading.Thread(target=lambda: committed.append(mutate(same_user(app, seeded), todo("t2", "g1"))))
         writer.start()
         writer.join()
         return read_head()

@@ -1,44 +1,104 @@
-"""The flask commands: init-db resets the database, seed loads demo data through /mutate's path."""
+"""The flask commands: seed and create-user hand out tokens, add-member and
+remove-member change sync groups, init-db resets the database."""
 
-from helpers import as_store, assert_error, group, mutate, read_log, replay
+from helpers import as_store, assert_error, group, mutate, read_log, replay, sign_in, snapshot
 
 
-def test_seed_loads_demo_rows_with_their_sync_actions(runner, client):
+def seed(runner) -> dict[str, str]:
+    """Run `seed`; return the token it printed for each demo user."""
     result = runner.invoke(args=["seed"])
-
     assert result.exit_code == 0, result.output
-    assert "lastSyncId is 7" in result.output
-    rows = client.get("/bootstrap?type=eager&models=Group,Author,Todo").get_json()
+    return {line.split()[0]: line.split()[-1] for line in result.output.splitlines() if line.startswith("  ")}
+
+
+def with_token(app, token: str):
+    client = app.test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token}"
+    return client
+
+
+def test_seed_loads_demo_users_in_different_groups(app, runner):
+    tokens = seed(runner)
+
+    assert set(tokens) == {"Ada", "Grace"}
+    assert with_token(app, tokens["Ada"]).get("/sync").get_json()["syncGroups"] == ["all", "group:g1", "group:g2"]
+    assert with_token(app, tokens["Grace"]).get("/sync").get_json()["syncGroups"] == ["all", "group:g1"]
+
+
+def test_seed_loads_rows_with_their_sync_actions(app, runner):
+    ada = with_token(app, seed(runner)["Ada"])
+
+    rows = ada.get("/bootstrap?type=eager&models=Group,Author,Todo").get_json()
     assert [len(rows["bootstrap"][m]) for m in ("Group", "Author", "Todo")] == [2, 2, 3]
     assert rows["firstSyncId"] == 7
     # Seeded rows are in the log too, so a client syncing from 0 gets them.
-    assert replay(read_log(client)) == as_store(rows["bootstrap"])
+    assert replay(read_log(ada)) == as_store(rows["bootstrap"])
 
 
-def test_seeding_twice_fails_with_a_hint_and_writes_nothing(runner, client):
-    runner.invoke(args=["seed"])
+def test_seeding_twice_fails_with_a_hint_and_writes_nothing(app, runner):
+    seed(runner)
+    before = snapshot(app)
+
     result = runner.invoke(args=["seed"])
 
     assert result.exit_code != 0
-    assert "already exists" in result.output and "init-db" in result.output
-    assert client.get("/sync").get_json()["lastSyncId"] == 7
+    assert "already has users" in result.output and "init-db" in result.output
+    assert snapshot(app) == before
 
 
-def test_init_db_on_a_new_database_starts_the_log_at_zero(runner, client):
+def test_create_user_prints_a_token_that_works(app, runner):
+    seed(runner)
+
+    result = runner.invoke(args=["create-user", "Zed", "--group", "g2"])
+
+    assert result.exit_code == 0, result.output
+    token = result.output.split()[-1]
+    assert with_token(app, token).get("/sync").get_json()["syncGroups"] == ["all", "group:g2"]
+
+
+def test_create_user_refuses_an_unknown_group_and_creates_nobody(app, runner):
+    before = snapshot(app)
+    result = runner.invoke(args=["create-user", "Zed", "--group", "g9"])
+    assert result.exit_code != 0 and "There is no Group 'g9'" in result.output
+    assert snapshot(app) == before
+
+
+def test_add_member_and_remove_member_change_the_groups_of_the_next_request(app, runner):
+    tokens = seed(runner)
+    grace = with_token(app, tokens["Grace"])
+    grace_id = tokens["Grace"].split(".")[0]
+
+    assert runner.invoke(args=["add-member", grace_id, "g2"]).exit_code == 0
+    assert grace.get("/sync").get_json()["syncGroups"] == ["all", "group:g1", "group:g2"]
+
+    assert runner.invoke(args=["remove-member", grace_id, "g1"]).exit_code == 0
+    assert grace.get("/sync").get_json()["syncGroups"] == ["all", "group:g2"]
+
+
+def test_add_member_refuses_unknown_users_and_groups(runner):
+    seed(runner)
+    assert "There is no user 99" in runner.invoke(args=["add-member", "99", "g1"]).output
+    assert "There is no Group 'g9'" in runner.invoke(args=["add-member", "1", "g9"]).output
+
+
+def test_init_db_on_a_new_database_starts_the_log_at_zero(app, runner):
     result = runner.invoke(args=["init-db"])
 
     assert result.exit_code == 0 and "Initialized an empty database" in result.output
+    client = sign_in(app)
     assert client.get("/sync").get_json()["lastSyncId"] == 0
     assert mutate(client, group("g1")) == {"lastSyncId": 1}
 
 
-def test_init_db_empties_a_used_database_and_starts_its_log_above_the_old_one(runner, client):
-    runner.invoke(args=["seed"])
-    mutate(client, group("g9"))  # the old log ends at 8
+def test_init_db_empties_a_used_database_and_starts_its_log_above_the_old_one(app, runner):
+    ada = with_token(app, seed(runner)["Ada"])
+    mutate(ada, group("g9"))  # the old log ends at 8
 
     result = runner.invoke(args=["init-db"])
 
     assert result.exit_code == 0 and "Initialized an empty database" in result.output
+    assert_error(ada.get("/sync"), 401, "unauthorized", type="auth")  # users are gone too
+    client = sign_in(app)
     assert client.get("/bootstrap?type=eager&models=Group,Todo").get_json() == {
         "bootstrap": {"Group": [], "Todo": []},
         "firstSyncId": 9,
@@ -49,12 +109,12 @@ def test_init_db_empties_a_used_database_and_starts_its_log_above_the_old_one(ru
     assert [a["modelId"] for a in read_log(client, since=9)] == ["g1"]
 
 
-def test_a_client_of_the_wiped_database_is_told_to_bootstrap_again(runner, client):
-    runner.invoke(args=["seed"])
+def test_a_client_of_the_wiped_database_is_told_to_bootstrap_again(app, runner):
+    seed(runner)
     runner.invoke(args=["init-db"])
-    runner.invoke(args=["seed"])  # the new log runs 8 to 15
+    ada = with_token(app, seed(runner)["Ada"])  # the new log runs from 8 to 15
 
     for stale_cursor in (0, 5, 7):  # any cursor the old database handed out
-        error = assert_error(client.get(f"/sync?since={stale_cursor}"), 409, "unknown_cursor")
+        error = assert_error(ada.get(f"/sync?since={stale_cursor}"), 409, "unknown_cursor")
         assert "Bootstrap again" in error["message"]
-    assert len(read_log(client, since=8)) == 7
+    assert len(read_log(ada, since=8)) == 7

@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 import app as app_module
 
 from app import create_app
-from helpers import assert_error, database_path, group, mutate, snapshot, todo
+from helpers import assert_error, database_path, group, mutate, sign_in, snapshot, todo
 
 
 def test_an_unknown_route_is_a_json_404(client):
@@ -42,7 +42,7 @@ def test_a_chunked_body_over_one_mebibyte_is_413_and_writes_nothing(app, seeded,
         "POST",
         "/mutate",
         body=iter([valid_prefix, padding]),  # an iterable body is sent chunked
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {seeded.token}"},
     )
     response = connection.getresponse()
     body = json.load(response)
@@ -100,8 +100,8 @@ def test_a_database_locked_by_another_writer_is_503_network_with_retry_after(tmp
             "BUSY_BACKOFF_S": 0.01,
         }
     )
-    client = app.test_client()
-    mutate(client, {"action": "create", "modelName": "Group", "modelId": "g1", "data": {"id": "g1", "name": "G"}})
+    client = sign_in(app)
+    mutate(client, group("g1"))
     before = snapshot(app)
 
     other_writer = sqlite3.connect(database_path(app), isolation_level=None)
@@ -133,6 +133,7 @@ def test_a_busy_database_is_retried_with_backoff_before_giving_up(tmp_path, monk
             "BUSY_BACKOFF_S": 0.05,
         }
     )
+    client = sign_in(app)
     waits = []
     sleep = app_module.time.sleep
     monkeypatch.setattr(app_module.time, "sleep", lambda seconds: (waits.append(seconds), sleep(seconds)))
@@ -141,7 +142,7 @@ def test_a_busy_database_is_retried_with_backoff_before_giving_up(tmp_path, monk
     release = threading.Timer(0.3, other_writer.rollback)
     release.start()
     try:
-        assert mutate(app.test_client(), group("g1")) == {"lastSyncId": 1}
+        assert mutate(client, group("g1")) == {"lastSyncId": 1}
     finally:
         release.join()
         other_writer.close()

@@ -41,8 +41,9 @@ def record_statements(app) -> list[str]:
 def test_a_mutation_takes_the_write_lock_at_begin(app, seeded):
     statements = record_statements(app)
     mutate(seeded, todo("t2", "g1"))
-    assert statements[0] == "BEGIN IMMEDIATE"
-    assert "INSERT" in statements
+    write = statements[statements.index("BEGIN IMMEDIATE") :]
+    assert "INSERT" in write and "BEGIN DEFERRED" not in write
+    assert "INSERT" not in statements[: -len(write)]  # nothing is written before the lock is held
 
 
 def test_reads_run_in_one_explicit_transaction(app, seeded):

@@ -5,7 +5,7 @@ import threading
 import pytest
 
 import app as app_module
-from helpers import as_store, assert_error, delete, mutate, read_log, replay, todo, update
+from helpers import same_user, as_store, assert_error, delete, mutate, read_log, replay, todo, update
 
 
 def test_the_handshake_gives_the_head_and_the_callers_sync_groups(seeded):
@@ -107,7 +107,7 @@ def test_the_cursor_never_passes_an_action_the_response_did_not_carry(app, seede
 
     def read_head_then_a_concurrent_commit():
         head = read_head()
-        writer = threading.Thread(target=lambda: mutate(app.test_client(), todo("t2", "g1")))
+        writer = threading.Thread(target=lambda: mutate(same_user(app, seeded), todo("t2", "g1")))
         writer.start()
         writer.join()
         return head
