@@ -1,0 +1,163 @@
+"""Sync groups as read permissions, and write authorization.
+
+Ada creates g1 and g2 (so she is a member of both); Grace is a member of g1 only."""
+
+import pytest
+
+from helpers import (
+    assert_error,
+    create,
+    delete,
+    group,
+    mutate,
+    read_log,
+    set_member,
+    sign_in,
+    snapshot,
+    todo,
+    update,
+)
+
+
+@pytest.fixture
+def grace(app, seeded):
+    return sign_in(app, "Grace", "group:g1")
+
+
+def ids(actions) -> list[tuple[str, str]]:
+    return [(a["modelName"], a["modelId"]) for a in actions]
+
+
+# --- Reads ------------------------------------------------------------------
+
+
+def test_the_handshake_and_every_poll_list_the_callers_sync_groups(seeded, grace):
+    assert grace.get("/sync").get_json()["syncGroups"] == ["all", "group:g1"]
+    assert grace.get("/sync?since=0").get_json()["syncGroups"] == ["all", "group:g1"]
+    assert seeded.get("/sync?since=0").get_json()["syncGroups"] == ["all", "group:g1", "group:g2"]
+
+
+def test_sync_returns_only_actions_of_the_callers_groups(seeded, grace):
+    mutate(seeded, todo("t2", "g2"), todo("t3", "g1"), delete("Todo", "t2"))
+
+    assert ids(read_log(grace)) == [("Group", "g1"), ("Author", "a1"), ("Author", "a2"), ("Todo", "t1"), ("Todo", "t3")]
+    assert len(read_log(seeded)) == 8
+
+
+def test_the_cursor_moves_past_actions_the_caller_cannot_see(seeded, grace):
+    mutate(seeded, *(todo(f"t{n}", "g2") for n in range(2, 12)))  # syncIds 6 to 15, all in g2
+
+    page = grace.get("/sync?since=5").get_json()
+
+    assert page == {"sync": [], "lastSyncId": 15, "syncGroups": ["all", "group:g1"], "hasMore": False}
+
+
+def test_limit_counts_scanned_actions_so_invisible_runs_page_quickly(seeded, grace):
+    mutate(seeded, *(todo(f"t{n}", "g2") for n in range(2, 9)), todo("t9", "g1"))  # 6..12 in g2, 13 in g1
+
+    pages, since = [], 5
+    while True:
+        page = grace.get(f"/sync?since={since}&limit=3").get_json()
+        pages.append(([a["syncId"] for a in page["sync"]], page["lastSyncId"], page["hasMore"]))
+        since = page["lastSyncId"]
+        if not page["hasMore"]:
+            break
+    assert pages == [([], 8, True), ([], 11, True), ([13], 13, False)]
+
+
+def test_eager_bootstrap_returns_only_rows_of_the_callers_groups(seeded, grace):
+    mutate(seeded, todo("t2", "g2"))
+
+    body = grace.get("/bootstrap?type=eager&models=Group,Author,Todo").get_json()
+
+    assert [g["id"] for g in body["bootstrap"]["Group"]] == ["g1"]
+    assert [t["id"] for t in body["bootstrap"]["Todo"]] == ["t1"]
+    assert [a["id"] for a in body["bootstrap"]["Author"]] == ["a1", "a2"]
+    assert body["syncGroups"] == ["all", "group:g1"]
+
+
+@pytest.mark.parametrize("sync_groups", ["group:g2", "group:g1,group:g2", "group:g9"])
+def test_lazy_bootstrap_of_a_group_the_caller_lacks_is_403_auth_and_serves_nothing(seeded, grace, sync_groups):
+    response = grace.get(f"/bootstrap?type=lazy&models=Todo,Group&syncGroups={sync_groups}")
+
+    error = assert_error(response, 403, "forbidden", type="auth")
+    assert "group:g2" in error["message"] or "group:g9" in error["message"]
+    assert "bootstrap" not in response.get_json()
+
+
+def test_a_user_added_to_a_group_sees_it_on_the_next_request(app, seeded, grace):
+    mutate(seeded, todo("t2", "g2"))
+    set_member(app, grace, "group:g2")
+
+    assert grace.get("/sync").get_json()["syncGroups"] == ["all", "group:g1", "group:g2"]
+    lazy = grace.get("/bootstrap?type=lazy&models=Todo,Group&syncGroups=group:g2").get_json()
+    assert [t["id"] for t in lazy["bootstrap"]["Todo"]] == ["t2"]
+    assert ("Todo", "t2") in ids(grace.get("/sync?since=5").get_json()["sync"])
+
+
+def test_a_removed_user_stops_receiving_the_groups_actions_at_once(app, seeded, grace):
+    set_member(app, grace, "group:g1", member=False)
+    mutate(seeded, update("Todo", "t1", isDone=True), create("Author", "a3", name="Lin"))
+
+    page = grace.get("/sync?since=5").get_json()
+
+    assert ids(page["sync"]) == [("Author", "a3")]  # not the update of t1 in g1
+    assert page["syncGroups"] == ["all"]
+    assert_error(grace.get("/bootstrap?type=lazy&models=Todo&syncGroups=group:g1"), 403, "forbidden", type="auth")
+
+
+# --- Writes -----------------------------------------------------------------
+
+OUTSIDE = {
+    "create in another group": todo("t2", "g2"),
+    "create in a group that does not exist": todo("t2", "g9"),
+    "update of a row in another group": update("Group", "g2", name="mine now"),
+    "delete of a row in another group": delete("Group", "g2"),
+}
+
+
+@pytest.mark.parametrize("change", OUTSIDE.values(), ids=OUTSIDE.keys())
+def test_a_change_outside_the_callers_groups_is_403_server_and_rejects_the_transaction(app, grace, change):
+    before = snapshot(app)
+    allowed = [todo("t5", "g1"), update("Todo", "t1", text="fine"), create("Author", "a3", name="Lin")]
+
+    response = grace.post("/mutate", json={"changes": [*allowed, change]})
+
+    error = assert_error(response, 403, "forbidden", type="server")  # server: the client rolls it back
+    assert error["details"] == {"change": 3}
+    assert "you are not a member of group:g" in error["message"]
+    assert snapshot(app) == before
+
+
+def test_a_member_may_create_update_and_delete_in_its_groups(grace):
+    mutate(grace, todo("t2", "g1"), update("Todo", "t2", isDone=True), delete("Todo", "t2"), update("Group", "g1", name="K"))
+
+
+def test_creating_a_group_makes_the_creator_a_member_in_the_same_transaction(grace):
+    # The todo in g3 is allowed because the group created before it, in the same transaction, made Grace a member.
+    result = mutate(grace, group("g3"), todo("t2", "g3"))
+
+    handshake = grace.get("/sync").get_json()
+    assert handshake["syncGroups"] == ["all", "group:g1", "group:g3"]
+    assert ids(grace.get(f"/sync?since={result['lastSyncId'] - 2}").get_json()["sync"]) == [("Group", "g3"), ("Todo", "t2")]
+
+
+def test_a_rejected_transaction_that_created_a_group_leaves_no_membership(app, grace):
+    before = snapshot(app)
+    assert_error(grace.post("/mutate", json={"changes": [group("g3"), todo("t2", "g3", author_id="a9")]}), 409, "unknown_reference")
+    assert snapshot(app) == before
+    assert grace.get("/sync").get_json()["syncGroups"] == ["all", "group:g1"]
+
+
+def test_deleting_a_group_ends_every_membership_of_it(seeded, grace):
+    mutate(seeded, delete("Todo", "t1"), delete("Group", "g1"))
+
+    assert seeded.get("/sync").get_json()["syncGroups"] == ["all", "group:g2"]
+    assert grace.get("/sync").get_json()["syncGroups"] == ["all"]
+    # So a Group created later under the same id is not open to its old members.
+    mutate(seeded, group("g1"))
+    assert grace.get("/sync").get_json()["syncGroups"] == ["all"]
+
+
+def test_every_user_may_write_rows_of_the_group_all(grace):
+    mutate(grace, create("Author", "a3", name="Lin"), update("Author", "a1", name="Ada L."))
