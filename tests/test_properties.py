@@ -1,0 +1,254 @@
+"""Random multi-user workloads (hypothesis): users write across groups, join
+and leave groups, and poll with random cursors and limits. Whatever happens:
+
+- no user ever receives a row or action outside its sync groups, and every
+  poll returns exactly the actions the user may see in the range it covers;
+- each user's replay of its own /sync stream, from its bootstrap, equals the
+  server's rows filtered to that user's groups;
+- cursors only move forward;
+- a write is accepted only inside the writer's groups, and a refused one
+  writes nothing.
+
+PROPERTY_EXAMPLES sets how many workloads are tried (200 by default).
+"""
+
+import os
+import shutil
+import sqlite3
+import tempfile
+
+from hypothesis import HealthCheck, event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, rule
+
+from app import create_app
+from helpers import create, delete, group, mutate, set_member, sign_in, snapshot, todo, update
+from models import db
+
+USERS = 3
+GROUP_IDS = ["g1", "g2", "g3"]
+TODO_IDS = ["t1", "t2", "t3", "t4", "t5"]
+MODELS = "Group,Author,Todo"
+
+pick = st.sampled_from
+CHANGES = st.one_of(
+    st.builds(lambda i, g, a: todo(i, g, author_id=a), pick(TODO_IDS), pick(GROUP_IDS), pick(["a1", "a2", "a9"])),
+    st.builds(lambda i, n, done: update("Todo", i, likeCount=n, isDone=done), pick(TODO_IDS), st.integers(0, 9), st.booleans()),
+    st.builds(lambda i, g: update("Todo", i, groupId=g), pick(TODO_IDS), pick(GROUP_IDS)),
+    st.builds(lambda i: delete("Todo", i), pick(TODO_IDS)),
+    st.builds(group, pick(GROUP_IDS)),
+    st.builds(lambda i, n: update("Group", i, name=n), pick(GROUP_IDS), pick(["Red", "Blue"])),
+    st.builds(lambda i: delete("Group", i), pick(GROUP_IDS)),
+    st.builds(lambda n: update("Author", "a1", name=n), pick(["Ada", "Ada L."])),
+)
+
+
+def sync_group_of(model: str, row: dict) -> str:
+    """The client's own copy of the sync-group rules, to drop rows of a group it left."""
+    return "all" if model == "Author" else f"group:{row['id'] if model == 'Group' else row['groupId']}"
+
+
+class Database:
+    """Reads the server's file directly: the truth the responses are checked against."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def query(self, sql: str, *args) -> list[tuple]:
+        with sqlite3.connect(self.path) as connection:
+            return connection.execute(sql, args).fetchall()
+
+    def sync_groups(self, user_id: int) -> list[str]:
+        joined = self.query("SELECT sync_group FROM memberships WHERE user_id = ? ORDER BY sync_group", user_id)
+        return ["all", *(g for (g,) in joined)]
+
+    def head(self) -> int:
+        return self.query("SELECT max(id) FROM sync_action")[0][0] or 0
+
+    def visible_sync_ids(self, since: int, until: int, sync_groups: list[str]) -> list[int]:
+        links = self.query("SELECT sync_action_id, sync_group FROM sync_action_group WHERE sync_action_id > ? AND sync_action_id <= ?", since, until)
+        return sorted({sync_id for sync_id, g in links if g in sync_groups})
+
+    def rows(self, sync_groups: list[str]) -> dict[tuple[str, str], dict]:
+        rows = {}
+        for row_id, name in self.query("SELECT id, name FROM groups"):
+            rows["Group", row_id] = {"id": row_id, "name": name}
+        for row_id, name in self.query("SELECT id, name FROM authors"):
+            rows["Author", row_id] = {"id": row_id, "name": name}
+        for row_id, text, author, group_id, done, likes in self.query("SELECT * FROM todos"):
+            rows["Todo", row_id] = {"id": row_id, "text": text, "authorId": author, "groupId": group_id, "isDone": bool(done), "likeCount": likes}
+        return {key: row for key, row in rows.items() if sync_group_of(key[0], row) in sync_groups}
+
+
+class ReplayingClient:
+    """What a Loco Sync client does with the API: bootstrap, then apply each
+    poll; lazy-bootstrap a group that appears in syncGroups, drop the rows of
+    one that disappears."""
+
+    def __init__(self, http, database: Database):
+        self.http, self.database = http, database
+        body = http.get(f"/bootstrap?type=eager&models={MODELS}").get_json()
+        self.rows = {(model, row["id"]): row for model, found in body["bootstrap"].items() for row in found}
+        self.cursor, self.sync_groups = body["firstSyncId"], body["syncGroups"]
+        self.check_rows_are_visible()
+
+    def poll(self, limit: int) -> bool:
+        """One poll; returns whether another page follows."""
+        page = check_page(self.http, self.database, self.cursor, limit)
+        for action in page["sync"]:
+            key = (action["modelName"], action["modelId"])
+            if action["action"] == "delete":
+                self.rows.pop(key, None)
+            else:
+                self.rows[key] = action["data"]
+        self.cursor = page["lastSyncId"]
+        if page["syncGroups"] != self.sync_groups:
+            event("poll: the client's sync groups changed")
+            self.change_sync_groups(page["syncGroups"])
+        self.check_rows_are_visible()
+        return page["hasMore"]
+
+    def change_sync_groups(self, sync_groups: list[str]) -> None:
+        left = set(self.sync_groups) - set(sync_groups)
+        self.rows = {key: row for key, row in self.rows.items() if sync_group_of(key[0], row) not in left}
+        joined = [g for g in sync_groups if g not in self.sync_groups]
+        if joined:
+            response = self.http.get(f"/bootstrap?type=lazy&models={MODELS}&syncGroups={','.join(joined)}")
+            assert response.status_code == 200, response.get_json()
+            for model, found in response.get_json()["bootstrap"].items():
+                self.rows.update({(model, row["id"]): row for row in found})
+        self.sync_groups = sync_groups
+
+    def catch_up(self) -> None:
+        while self.poll(limit=5000):
+            pass
+
+    def check_rows_are_visible(self) -> None:
+        outside = [key for key, row in self.rows.items() if sync_group_of(key[0], row) not in self.sync_groups]
+        assert not outside, f"rows outside {self.sync_groups}: {outside}"
+
+
+def check_page(http, database: Database, since: int, limit: int) -> dict:
+    response = http.get(f"/sync?since={since}&limit={limit}")
+    assert response.status_code == 200, response.get_json()
+    page = response.get_json()
+    assert page["syncGroups"] == database.sync_groups(http.user_id)
+    assert since <= page["lastSyncId"] <= database.head(), "the cursor moved backwards or past the head"
+    # Exactly the actions this user may see in (since, lastSyncId], in order: nothing leaked, nothing skipped.
+    expected = database.visible_sync_ids(since, page["lastSyncId"], page["syncGroups"])
+    assert [a["syncId"] for a in page["sync"]] == expected
+    return page
+
+
+def target_group(change: dict, todo_groups: dict[str, str | None]) -> str | None:
+    """The sync group a change writes in: its new row's for a create, its row's otherwise."""
+    model, row_id = change["modelName"], change["modelId"]
+    if model == "Author":
+        return "all"
+    if model == "Group":
+        return f"group:{row_id}"
+    return f"group:{change['data']['groupId']}" if change["action"] == "create" else todo_groups.get(row_id)
+
+
+class MultiUserWorkload(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        self.directory = tempfile.mkdtemp()
+        self.app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": f"sqlite:///{self.directory}/loco.sqlite3"})
+        self.database = Database(f"{self.directory}/loco.sqlite3")
+        self.users = [sign_in(self.app, f"user {n}") for n in range(USERS)]
+        founder = self.users[0]
+        mutate(founder, create("Author", "a1", name="Ada"), create("Author", "a2", name="Grace"), group("g1"), group("g2"))
+        mutate(founder, todo("t1", "g1"), todo("t2", "g2"))
+        for user, sync_group in zip(self.users[1:], ["group:g1", "group:g2"]):
+            set_member(self.app, user, sync_group)
+        self.clients = [ReplayingClient(user, self.database) for user in self.users]
+        self.committed: dict[tuple[int, str], tuple[list, dict]] = {}
+
+    @rule(user=st.integers(0, USERS - 1), changes=st.lists(CHANGES, min_size=1, max_size=3), transaction_id=st.none() | pick(["tx-1", "tx-2"]))
+    def write(self, user, changes, transaction_id):
+        http = self.users[user]
+        before = snapshot(self.app)
+        allowed = set(self.database.sync_groups(http.user_id))
+        todo_groups = {todo_id: f"group:{g}" for todo_id, g in self.database.query("SELECT id, group_id FROM todos")}
+
+        response = http.post("/mutate", json={"changes": changes, "transactionId": transaction_id} if transaction_id else {"changes": changes})
+        answer = response.get_json()
+        event(f"write: {response.status_code} {answer.get('error', {}).get('code', '')}".strip())
+
+        if (user, transaction_id) in self.committed:  # a retry: answered as before, or refused if it differs
+            earlier_changes, earlier_answer = self.committed[user, transaction_id]
+            assert answer == earlier_answer if changes == earlier_changes else answer["error"]["code"] == "transaction_id_reused"
+            assert snapshot(self.app) == before
+            return
+        if response.status_code == 200:
+            accepted, refused = changes, None
+            if transaction_id:
+                self.committed[user, transaction_id] = (changes, answer)
+        else:
+            assert response.status_code in (403, 409), answer
+            assert snapshot(self.app) == before, "a refused write changed the database"
+            index = answer["error"]["details"]["change"]
+            accepted, refused = changes[:index], changes[index] if answer["error"]["code"] == "forbidden" else None
+        # Walk the changes the server got through: each was inside the writer's groups as they stood then.
+        for change in accepted:
+            target = target_group(change, todo_groups)
+            if change["modelName"] == "Group" and change["action"] == "create":
+                allowed.add(target)  # its creator joins it
+            assert target in allowed, f"accepted a change outside the writer's groups: {change}"
+            if change["modelName"] == "Todo" and change["action"] in ("create", "delete"):
+                todo_groups[change["modelId"]] = target if change["action"] == "create" else None
+            if change["modelName"] == "Group" and change["action"] == "delete":
+                allowed.discard(target)
+        if refused is not None:
+            assert target_group(refused, todo_groups) not in allowed, f"refused a change inside the writer's groups: {refused}"
+
+    @rule(user=st.integers(0, USERS - 1), group_id=pick(GROUP_IDS), member=st.booleans())
+    def change_membership(self, user, group_id, member):
+        set_member(self.app, self.users[user], f"group:{group_id}", member)
+
+    @rule(user=st.integers(0, USERS - 1), limit=st.integers(1, 8))
+    def poll(self, user, limit):
+        self.clients[user].poll(limit)
+
+    @rule(user=st.integers(0, USERS - 1), data=st.data(), limit=st.integers(1, 8))
+    def poll_from_a_random_cursor(self, user, data, limit):
+        check_page(self.users[user], self.database, data.draw(st.integers(0, self.database.head())), limit)
+
+    @rule(user=st.integers(0, USERS - 1), sync_groups=st.lists(pick(["all", *(f"group:{g}" for g in GROUP_IDS)]), min_size=1, max_size=2, unique=True))
+    def lazy_bootstrap(self, user, sync_groups):
+        http = self.users[user]
+        response = http.get(f"/bootstrap?type=lazy&models={MODELS}&syncGroups={','.join(sync_groups)}")
+        member_of = self.database.sync_groups(http.user_id)
+        event(f"lazy bootstrap: {response.status_code}")
+        if not set(sync_groups) <= set(member_of):
+            assert response.status_code == 403 and "bootstrap" not in response.get_json()
+            return
+        body = response.get_json()
+        served = {(model, row["id"]): row for model, found in body["bootstrap"].items() for row in found}
+        assert served == self.database.rows(sync_groups)
+
+    @rule(user=st.integers(0, USERS - 1))
+    def catch_up_and_compare(self, user):
+        client = self.clients[user]
+        client.catch_up()
+        assert client.rows == self.database.rows(client.sync_groups), "the replay differs from the server's rows"
+
+    def teardown(self):
+        try:
+            for client in self.clients:
+                client.catch_up()
+                assert client.rows == self.database.rows(client.sync_groups), "the replay differs from the server's rows"
+        finally:
+            with self.app.app_context():
+                db.engine.dispose()
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+MultiUserWorkload.TestCase.settings = settings(
+    max_examples=int(os.environ.get("PROPERTY_EXAMPLES", 200)),
+    stateful_step_count=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+test_random_multi_user_workloads = MultiUserWorkload.TestCase
