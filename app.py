@@ -22,8 +22,7 @@ import re
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -31,8 +30,8 @@ import click
 from flask import Blueprint, Flask, current_app, g, request
 from flask.cli import with_appcontext
 from marshmallow import Schema, ValidationError, fields, post_load, validate, validates_schema
-from sqlalchemy import delete, event, func, insert, select, text
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy import delete, event, func, select, text
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
@@ -83,8 +82,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     db.init_app(app)
     with app.app_context():
         configure_sqlite(db.engine, app.config["SQLITE_BUSY_TIMEOUT_MS"])
-        with write_locked() as connection:  # so server processes starting together do not race
-            db.metadata.create_all(connection)
+        # Under the write lock, with busy retries, so server processes starting together do not race.
+        in_write_transaction(lambda: db.metadata.create_all(db.session.connection()))
 
     app.register_blueprint(api)
     app.after_request(allow_cross_origin)
@@ -130,22 +129,14 @@ def configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
         connection.exec_driver_sql(f"BEGIN {mode}")
 
 
-@contextmanager
-def write_locked() -> Iterator[Connection]:
-    """A connection holding the write lock from BEGIN; commits when the block ends."""
-    with db.engine.connect() as connection:
-        with connection.execution_options(sqlite_begin="IMMEDIATE").begin():
-            yield connection
-
-
-def read_head(reader=db.session) -> int:
+def read_head() -> int:
     """The greatest syncId, as seen by the current transaction's snapshot."""
-    return reader.scalar(select(func.max(SyncAction.id))) or read_log_start(reader)
+    return db.session.scalar(select(func.max(SyncAction.id))) or read_log_start()
 
 
-def read_log_start(reader=db.session) -> int:
+def read_log_start() -> int:
     """The cursor this database's log starts from: 0, or above the log init-db wiped."""
-    return reader.scalar(select(SyncLogStart.after_sync_id)) or 0
+    return db.session.scalar(select(SyncLogStart.after_sync_id)) or 0
 
 
 # --- 3. Who is calling -----------------------------------------------------
@@ -168,8 +159,10 @@ def user_for_token(header: str | None) -> int:
         raise unauthorized("Send the header Authorization: Bearer <token>.")
     match = TOKEN.fullmatch(header.strip())
     if match is None:
-        raise unauthorized("The Authorization header must be 'Bearer <token>', with a token as printed by "
-                           "`flask --app app create-user` or `seed`.")
+        raise unauthorized(
+            "The Authorization header must be 'Bearer <token>', with a token as printed by "
+            "`flask --app app create-user` or `seed`."
+        )
     user = db.session.get(User, int(match[1]))
     # Compare hashes in constant time, and compare even when there is no such user.
     known = hmac.compare_digest(sha256(match[2]), user.token_sha256 if user else NO_SUCH_TOKEN)
@@ -187,17 +180,20 @@ def sha256(text: str) -> str:
 
 
 def caller_sync_groups(user_id: int) -> list[str]:
-    joined = db.session.scalars(select(Membership.sync_group).where(Membership.user_id == user_id).order_by(Membership.sync_group))
+    joined = db.session.scalars(
+        select(Membership.sync_group).where(Membership.user_id == user_id).order_by(Membership.sync_group)
+    )
     return ["all", *joined]
 
 
-def new_user(name: str) -> str:
-    """Add a user and return its token. Only a hash of the secret is kept, so this is the one chance to see it."""
+def new_user(name: str) -> tuple[int, str]:
+    """Add a user; return its id and token. Only a hash of the secret is
+    kept, so this is the one chance to see the token."""
     secret = secrets.token_urlsafe(32)
     user = User(name=name, token_sha256=sha256(secret))
     db.session.add(user)
     db.session.flush()
-    return f"{user.id}.{secret}"
+    return user.id, f"{user.id}.{secret}"
 
 
 def join(user_id: int, sync_group: str) -> None:
@@ -672,16 +668,19 @@ def describe(messages: Any, path: str = "") -> list[str]:
 @with_appcontext
 def init_db_command():
     """Drop every table and create them empty."""
-    with write_locked() as connection:
-        old_head = read_head(connection)
+
+    def reset():
+        old_head, connection = read_head(), db.session.connection()
         db.metadata.drop_all(connection)
         db.metadata.create_all(connection)
         if old_head:
             # Start the new log above the old one, so /sync can tell a client
             # that still holds a cursor of the wiped database to bootstrap again.
             log_start = old_head + 1
-            connection.execute(insert(SyncLogStart).values(after_sync_id=log_start))
+            db.session.add(SyncLogStart(after_sync_id=log_start))
             connection.execute(text("INSERT INTO sqlite_sequence (name, seq) VALUES ('sync_action', :seq)"), {"seq": log_start})
+
+    in_write_transaction(reset)
     click.echo(f"Initialized an empty database at {db.engine.url.database}")
 
 
@@ -715,20 +714,16 @@ def seed_command():
     changes = load(MutateSchema(), {"changes": SEED_CHANGES})["changes"]
 
     def seed():
-        ada, grace = new_user("Ada"), new_user("Grace")
-        last_sync_id = apply_transaction(changes, user_id_of(ada), None, "")  # Ada creates g1 and g2, so joins both
-        join(user_id_of(grace), "group:g1")
-        return ada, grace, last_sync_id
+        (ada, ada_token), (grace, grace_token) = new_user("Ada"), new_user("Grace")
+        last_sync_id = apply_transaction(changes, ada, None, "")  # Ada creates g1 and g2, so joins both
+        join(grace, "group:g1")
+        return ada_token, grace_token, last_sync_id
 
-    ada, grace, last_sync_id = in_write_transaction(seed)
+    ada_token, grace_token, last_sync_id = in_write_transaction(seed)
     click.echo(f"Seeded {len(SEED_CHANGES)} rows; lastSyncId is {last_sync_id}.")
     click.echo("Demo users (send the token as Authorization: Bearer <token>):")
-    click.echo(f"  Ada    all, group:g1, group:g2   {ada}")
-    click.echo(f"  Grace  all, group:g1             {grace}")
-
-
-def user_id_of(token: str) -> int:
-    return int(token.partition(".")[0])
+    click.echo(f"  Ada    all, group:g1, group:g2   {ada_token}")
+    click.echo(f"  Grace  all, group:g1             {grace_token}")
 
 
 @click.command("create-user")
@@ -737,16 +732,16 @@ def user_id_of(token: str) -> int:
 @with_appcontext
 def create_user_command(name: str, group_ids: tuple[str, ...]):
     """Add a user and print its token (shown only now)."""
-    missing_group(group_ids)
+    require_groups(group_ids)
 
     def create():
-        token = new_user(name)
+        user_id, token = new_user(name)
         for group_id in group_ids:
-            join(user_id_of(token), f"group:{group_id}")
-        return token
+            join(user_id, f"group:{group_id}")
+        return user_id, token
 
-    token = in_write_transaction(create)
-    click.echo(f"User {user_id_of(token)} ({name}) token: {token}")
+    user_id, token = in_write_transaction(create)
+    click.echo(f"User {user_id} ({name}) token: {token}")
 
 
 @click.command("add-member")
@@ -757,7 +752,7 @@ def add_member_command(user_id: int, group_id: str):
     """Give a user the sync group of a Group; it takes effect on the user's next request."""
     if db.session.get(User, user_id) is None:
         raise click.ClickException(f"There is no user {user_id}.")
-    missing_group([group_id])
+    require_groups([group_id])
     in_write_transaction(lambda: join(user_id, f"group:{group_id}"))
     click.echo(f"User {user_id} is a member of group:{group_id}.")
 
@@ -772,7 +767,7 @@ def remove_member_command(user_id: int, group_id: str):
     click.echo(f"User {user_id} is not a member of group:{group_id}.")
 
 
-def missing_group(group_ids) -> None:
+def require_groups(group_ids) -> None:
     for group_id in group_ids:
         if db.session.get(Group, group_id) is None:
             raise click.ClickException(f"There is no Group {group_id!r}.")

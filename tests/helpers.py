@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 from typing import Any
 
-from app import in_write_transaction, join, leave, new_user, user_id_of
+from app import in_write_transaction, join, leave, new_user
 from models import SYNCED_MODELS
 
 
@@ -13,16 +13,16 @@ def sign_in(app, name: str = "Ada", *sync_groups: str):
     """A test client that sends a new user's token; the user has `all` and `sync_groups`."""
 
     def create():
-        token = new_user(name)
+        user_id, token = new_user(name)
         for sync_group in sync_groups:
-            join(user_id_of(token), sync_group)
-        return token
+            join(user_id, sync_group)
+        return user_id, token
 
     with app.app_context():
-        token = in_write_transaction(create)
+        user_id, token = in_write_transaction(create)
     client = app.test_client()
     client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token}"
-    client.token, client.user_id = token, user_id_of(token)
+    client.user_id, client.token = user_id, token
     return client
 
 
