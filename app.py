@@ -150,7 +150,7 @@ def authenticate() -> None:
     g.user_id = user_for_token(request.headers.get("Authorization"))
 
 
-TOKEN = re.compile(r"Bearer ([0-9]{1,18})\.([A-Za-z0-9_-]{1,100})")
+TOKEN = re.compile(r"(?i:bearer) +([1-9][0-9]{0,17})\.([A-Za-z0-9_-]{1,100})")
 NO_SUCH_TOKEN = hashlib.sha256(b"").hexdigest()
 
 
@@ -355,11 +355,10 @@ def apply_change(index: int, change: Change, caller: Caller) -> int:
         where = f"changes[{index}] ({change.action} {model.name} {change.model_id!r})"
         raise ApiError(status, code, f"{where}: {reason}", details={"change": index})
 
-    def authorize(sync_groups: list[str]) -> None:
+    def authorize(sync_groups: list[str], reason: str) -> None:
         # Type server, not auth: the client retries an auth error forever, but rolls back on server.
-        outside = [group for group in sync_groups if group not in caller.sync_groups]
-        if outside:
-            reject("forbidden", f"you are not a member of {', '.join(outside)}.", status=403)
+        if not set(sync_groups) <= caller.sync_groups:
+            reject("forbidden", reason, status=403)
 
     with db.session.no_autoflush:  # check references before the database refuses them
         row = db.session.get(model.table, change.model_id)
@@ -368,18 +367,21 @@ def apply_change(index: int, change: Change, caller: Caller) -> int:
                 reject("already_exists", f"{model.name} {change.model_id!r} already exists.")
             row = model.table(**change.data)
             sync_groups = model.sync_groups.groups_of(row)
-            if model.owns_sync_group:  # whoever creates a sync group is its first member
-                for group in sync_groups:
+            if model.owns_sync_group:
+                if has_history(sync_groups):
+                    # Its actions are still linked to the group: a new owner would receive them.
+                    reject("sync_group_reused", f"{model.name} id {change.model_id!r} was used before; choose a new one.")
+                for group in sync_groups:  # whoever creates a sync group is its first member
                     join(caller.user_id, group)
                     caller.sync_groups.add(group)
-            authorize(sync_groups)
+            authorize(sync_groups, f"you are not a member of {', '.join(sync_groups)}.")
             check_references(model, row, reject)
             db.session.add(row)
         else:
             if row is None:
                 reject("does_not_exist", f"{model.name} {change.model_id!r} does not exist.")
             sync_groups = model.sync_groups.groups_of(row)
-            authorize(sync_groups)
+            authorize(sync_groups, "the row is outside your sync groups.")  # without saying whose it is
             if change.action == "update":
                 for attribute, value in change.data.items():
                     setattr(row, attribute, value)
@@ -393,11 +395,9 @@ def apply_change(index: int, change: Change, caller: Caller) -> int:
                         "delete it and create a new one instead.",
                     )
             else:
+                # A deleted Group keeps its members, so that they receive this delete.
                 check_not_referenced(model, row, reject)
                 db.session.delete(row)
-                if model.owns_sync_group:  # a deleted sync group has no members left
-                    db.session.execute(delete(Membership).where(Membership.sync_group.in_(sync_groups)))
-                    caller.sync_groups.difference_update(sync_groups)
 
     sync_action = SyncAction(
         action={"create": "insert", "update": "update", "delete": "delete"}[change.action],
@@ -411,6 +411,11 @@ def apply_change(index: int, change: Change, caller: Caller) -> int:
     return sync_action.id
 
 
+def has_history(sync_groups: list[str]) -> bool:
+    linked = select(SyncActionGroup.sync_action_id).where(SyncActionGroup.sync_group.in_(sync_groups)).limit(1)
+    return db.session.scalar(linked) is not None
+
+
 def check_references(model: SyncedModel, row: Any, reject) -> None:
     for attribute, target in model.references():
         value = getattr(row, attribute)
@@ -421,15 +426,10 @@ def check_references(model: SyncedModel, row: Any, reject) -> None:
 def check_not_referenced(model: SyncedModel, row: Any, reject) -> None:
     for other in SYNCED_MODELS.values():
         for attribute, target in other.references():
-            if target is model:
-                count = db.session.scalar(
-                    select(func.count()).select_from(other.table).where(getattr(other.table, attribute) == row.id)
-                )
-                if count:
-                    reject(
-                        "still_referenced",
-                        f"{count} {other.name} row(s) still name it in {other.wire_name(attribute)}; delete them first.",
-                    )
+            referring = select(other.table.id).where(getattr(other.table, attribute) == row.id).limit(1)
+            # No count: some of those rows may be in groups the caller cannot see.
+            if target is model and db.session.scalar(referring) is not None:
+                reject("still_referenced", f"{other.name} rows still name it in {other.wire_name(attribute)}; delete them first.")
 
 
 # --- 5. GET /bootstrap ------------------------------------------------------
@@ -732,9 +732,9 @@ def seed_command():
 @with_appcontext
 def create_user_command(name: str, group_ids: tuple[str, ...]):
     """Add a user and print its token (shown only now)."""
-    require_groups(group_ids)
 
     def create():
+        require_groups(group_ids)
         user_id, token = new_user(name)
         for group_id in group_ids:
             join(user_id, f"group:{group_id}")
@@ -750,10 +750,13 @@ def create_user_command(name: str, group_ids: tuple[str, ...]):
 @with_appcontext
 def add_member_command(user_id: int, group_id: str):
     """Give a user the sync group of a Group; it takes effect on the user's next request."""
-    if db.session.get(User, user_id) is None:
-        raise click.ClickException(f"There is no user {user_id}.")
-    require_groups([group_id])
-    in_write_transaction(lambda: join(user_id, f"group:{group_id}"))
+
+    def add():
+        require_user(user_id)
+        require_groups([group_id])
+        join(user_id, f"group:{group_id}")
+
+    in_write_transaction(add)
     click.echo(f"User {user_id} is a member of group:{group_id}.")
 
 
@@ -763,8 +766,18 @@ def add_member_command(user_id: int, group_id: str):
 @with_appcontext
 def remove_member_command(user_id: int, group_id: str):
     """Take a Group's sync group from a user; its next request no longer sees that group."""
-    in_write_transaction(lambda: leave(user_id, f"group:{group_id}"))
+
+    def remove():
+        require_user(user_id)
+        leave(user_id, f"group:{group_id}")
+
+    in_write_transaction(remove)
     click.echo(f"User {user_id} is not a member of group:{group_id}.")
+
+
+def require_user(user_id: int) -> None:
+    if db.session.get(User, user_id) is None:
+        raise click.ClickException(f"There is no user {user_id}.")
 
 
 def require_groups(group_ids) -> None:

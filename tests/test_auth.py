@@ -73,3 +73,12 @@ def test_each_user_has_its_own_transaction_ids(app, seeded):
 
     assert second["lastSyncId"] == first["lastSyncId"] + 1  # applied, not taken for Ada's retry
     assert mutate(grace, todo("t3", "g1"), transaction_id="tx-1") == second  # and Grace's own retry is answered
+
+
+def test_the_scheme_is_case_insensitive_and_the_token_exact(app, client):
+    user_id, secret = client.token.split(".")
+    anyone = app.test_client()
+    assert anyone.get("/sync", headers={"Authorization": f"bearer {client.token}"}).status_code == 200
+    assert anyone.get("/sync", headers={"Authorization": f"BEARER  {client.token}"}).status_code == 200
+    for near_miss in (f"0{user_id}.{secret}", f"{user_id}.{secret}x", f"{user_id}.{secret[:-1]}"):
+        assert_error(anyone.get("/sync", headers={"Authorization": f"Bearer {near_miss}"}), 401, "unauthorized", type="auth")

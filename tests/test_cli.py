@@ -75,10 +75,17 @@ def test_add_member_and_remove_member_change_the_groups_of_the_next_request(app,
     assert grace.get("/sync").get_json()["syncGroups"] == ["all", "group:g2"]
 
 
-def test_add_member_refuses_unknown_users_and_groups(runner):
+def test_membership_commands_refuse_unknown_users_and_groups(app, runner):
     seed(runner)
-    assert "There is no user 99" in runner.invoke(args=["add-member", "99", "g1"]).output
-    assert "There is no Group 'g9'" in runner.invoke(args=["add-member", "1", "g9"]).output
+    before = snapshot(app)
+    for args, says in [
+        (["add-member", "99", "g1"], "There is no user 99"),
+        (["add-member", "1", "g9"], "There is no Group 'g9'"),
+        (["remove-member", "99", "g1"], "There is no user 99"),
+    ]:
+        result = runner.invoke(args=args)
+        assert result.exit_code != 0 and says in result.output
+    assert snapshot(app) == before
 
 
 def test_init_db_on_a_new_database_starts_the_log_at_zero(app, runner):

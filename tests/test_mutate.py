@@ -104,7 +104,7 @@ CONFLICTS = {
     "delete of a missing row": ([delete("Author", "nope")], "does_not_exist", "does not exist"),
     "todo naming a missing author": ([todo("t2", "g1", author_id="a9")], "unknown_reference", "authorId 'a9'"),
     "update to a missing author": ([update("Todo", "t1", authorId="a9")], "unknown_reference", "authorId 'a9'"),
-    "delete of a group its todos name": ([delete("Group", "g1")], "still_referenced", "1 Todo row(s)"),
+    "delete of a group its todos name": ([delete("Group", "g1")], "still_referenced", "Todo rows still name it in groupId"),
     "delete of an author its todos name": ([delete("Author", "a1")], "still_referenced", "authorId"),
     "moving a todo to another group": ([update("Todo", "t1", groupId="g2")], "sync_groups_changed", "sync groups"),
 }

@@ -109,24 +109,39 @@ def test_a_removed_user_stops_receiving_the_groups_actions_at_once(app, seeded, 
 # --- Writes -----------------------------------------------------------------
 
 OUTSIDE = {
-    "create in another group": todo("t2", "g2"),
-    "create in a group that does not exist": todo("t2", "g9"),
-    "update of a row in another group": update("Group", "g2", name="mine now"),
-    "delete of a row in another group": delete("Group", "g2"),
+    "create in another group": (todo("t5", "g2"), "you are not a member of group:g2"),
+    "create in a group that does not exist": (todo("t5", "g9"), "you are not a member of group:g9"),
+    "update of a todo in another group": (update("Todo", "t2", isDone=True), "the row is outside your sync groups"),
+    "delete of a todo in another group": (delete("Todo", "t2"), "the row is outside your sync groups"),
+    "update of a group the caller is not in": (update("Group", "g2", name="mine now"), "the row is outside your sync groups"),
+    "delete of a group the caller is not in": (delete("Group", "g2"), "the row is outside your sync groups"),
 }
 
 
-@pytest.mark.parametrize("change", OUTSIDE.values(), ids=OUTSIDE.keys())
-def test_a_change_outside_the_callers_groups_is_403_server_and_rejects_the_transaction(app, grace, change):
+@pytest.mark.parametrize("change, says", OUTSIDE.values(), ids=OUTSIDE.keys())
+def test_a_change_outside_the_callers_groups_is_403_server_and_rejects_the_transaction(app, seeded, grace, change, says):
+    mutate(seeded, todo("t2", "g2"))
     before = snapshot(app)
-    allowed = [todo("t5", "g1"), update("Todo", "t1", text="fine"), create("Author", "a3", name="Lin")]
+    allowed = [todo("t3", "g1"), update("Todo", "t1", text="fine"), create("Author", "a3", name="Lin")]
 
     response = grace.post("/mutate", json={"changes": [*allowed, change]})
 
     error = assert_error(response, 403, "forbidden", type="server")  # server: the client rolls it back
     assert error["details"] == {"change": 3}
-    assert "you are not a member of group:g" in error["message"]
+    assert says in error["message"]
     assert snapshot(app) == before
+
+
+def test_a_refusal_does_not_say_which_group_another_users_row_is_in(seeded, grace):
+    mutate(seeded, todo("t2", "g2"))
+    error = assert_error(grace.post("/mutate", json={"changes": [update("Todo", "t2", text="x")]}), 403, "forbidden")
+    assert "g2" not in error["message"]
+
+
+def test_still_referenced_does_not_count_rows_the_caller_cannot_see(seeded, grace):
+    mutate(seeded, todo("t2", "g2"))  # a1 is named by t1 (g1, visible to Grace) and t2 (g2, not)
+    error = assert_error(grace.post("/mutate", json={"changes": [delete("Author", "a1")]}), 409, "still_referenced")
+    assert not any(char.isdigit() for char in error["message"].split(":", 1)[1])
 
 
 def test_a_member_may_create_update_and_delete_in_its_groups(grace):
@@ -149,14 +164,25 @@ def test_a_rejected_transaction_that_created_a_group_leaves_no_membership(app, g
     assert grace.get("/sync").get_json()["syncGroups"] == ["all", "group:g1"]
 
 
-def test_deleting_a_group_ends_every_membership_of_it(seeded, grace):
-    mutate(seeded, delete("Todo", "t1"), delete("Group", "g1"))
+def test_members_of_a_deleted_group_receive_its_deletes(seeded, grace):
+    result = mutate(grace, delete("Todo", "t1"), delete("Group", "g1"))
 
-    assert seeded.get("/sync").get_json()["syncGroups"] == ["all", "group:g2"]
-    assert grace.get("/sync").get_json()["syncGroups"] == ["all"]
-    # So a Group created later under the same id is not open to its old members.
-    mutate(seeded, group("g1"))
-    assert grace.get("/sync").get_json()["syncGroups"] == ["all"]
+    for member in (seeded, grace):
+        page = member.get(f"/sync?since={result['lastSyncId'] - 2}").get_json()
+        assert [(a["action"], a["modelId"]) for a in page["sync"]] == [("delete", "t1"), ("delete", "g1")]
+        assert "group:g1" in page["syncGroups"]  # the membership outlives the Group
+
+
+def test_a_used_group_id_cannot_be_created_again(app, seeded, grace):
+    mutate(seeded, update("Group", "g2", name="secret garden"), delete("Group", "g2"))
+    before = snapshot(app)
+
+    error = assert_error(grace.post("/mutate", json={"changes": [group("g2")]}), 409, "sync_group_reused")
+
+    assert "choose a new one" in error["message"]
+    assert snapshot(app) == before
+    # So the old group's history stays with its old members.
+    assert all(a["modelId"] != "g2" for a in read_log(grace))
 
 
 def test_every_user_may_write_rows_of_the_group_all(grace):

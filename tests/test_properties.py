@@ -1,10 +1,13 @@
 """Random multi-user workloads (hypothesis): users write across groups, join
-and leave groups, and poll with random cursors and limits. Whatever happens:
+and leave groups, delete and re-create Groups, and poll with random cursors
+and limits. Whatever happens:
 
 - no user ever receives a row or action outside its sync groups, and every
-  poll returns exactly the actions the user may see in the range it covers;
+  page returns exactly the actions the user may see in the range it covers;
 - each user's replay of its own /sync stream, from its bootstrap, equals the
-  server's rows filtered to that user's groups;
+  server's rows filtered to that user's groups, and the replay is strict: no
+  insert of a row it has, no update or delete of a row it lacks, except for
+  actions a lazy bootstrap of a newly joined group already contained;
 - cursors only move forward;
 - a write is accepted only inside the writer's groups, and a refused one
   writes nothing.
@@ -30,21 +33,23 @@ GROUP_IDS = ["g1", "g2", "g3"]
 TODO_IDS = ["t1", "t2", "t3", "t4", "t5"]
 MODELS = "Group,Author,Todo"
 
-pick = st.sampled_from
-CHANGES = st.one_of(
-    st.builds(lambda i, g, a: todo(i, g, author_id=a), pick(TODO_IDS), pick(GROUP_IDS), pick(["a1", "a2", "a9"])),
-    st.builds(lambda i, n, done: update("Todo", i, likeCount=n, isDone=done), pick(TODO_IDS), st.integers(0, 9), st.booleans()),
-    st.builds(lambda i, g: update("Todo", i, groupId=g), pick(TODO_IDS), pick(GROUP_IDS)),
-    st.builds(lambda i: delete("Todo", i), pick(TODO_IDS)),
-    st.builds(group, pick(GROUP_IDS)),
-    st.builds(lambda i, n: update("Group", i, name=n), pick(GROUP_IDS), pick(["Red", "Blue"])),
-    st.builds(lambda i: delete("Group", i), pick(GROUP_IDS)),
-    st.builds(lambda n: update("Author", "a1", name=n), pick(["Ada", "Ada L."])),
-)
+
+def changes_for(groups: st.SearchStrategy, new_todo_ids: st.SearchStrategy, todo_ids: st.SearchStrategy) -> st.SearchStrategy:
+    """Changes of every kind, valid or not, allowed or not, drawing groups and todos from the given strategies."""
+    return st.one_of(
+        st.builds(lambda i, g, a: todo(i, g, author_id=a), new_todo_ids, groups, st.sampled_from(["a1", "a2", "a2", "a9"])),
+        st.builds(lambda i, n, done: update("Todo", i, likeCount=n, isDone=done), todo_ids, st.integers(0, 9), st.booleans()),
+        st.builds(lambda i, g: update("Todo", i, groupId=g), todo_ids, groups),
+        st.builds(lambda i: delete("Todo", i), todo_ids),
+        st.builds(group, groups),
+        st.builds(lambda i, n: update("Group", i, name=n), groups, st.sampled_from(["Red", "Blue"])),
+        st.builds(lambda i: delete("Group", i), groups),
+        st.builds(lambda n: update("Author", "a1", name=n), st.sampled_from(["Ada", "Ada L."])),
+    )
 
 
 def sync_group_of(model: str, row: dict) -> str:
-    """The client's own copy of the sync-group rules, to drop rows of a group it left."""
+    """The client's own copy of the sync-group rules, to drop the rows of a group it left."""
     return "all" if model == "Author" else f"group:{row['id'] if model == 'Group' else row['groupId']}"
 
 
@@ -66,7 +71,11 @@ class Database:
         return self.query("SELECT max(id) FROM sync_action")[0][0] or 0
 
     def visible_sync_ids(self, since: int, until: int, sync_groups: list[str]) -> list[int]:
-        links = self.query("SELECT sync_action_id, sync_group FROM sync_action_group WHERE sync_action_id > ? AND sync_action_id <= ?", since, until)
+        links = self.query(
+            "SELECT sync_action_id, sync_group FROM sync_action_group WHERE sync_action_id > ? AND sync_action_id <= ?",
+            since,
+            until,
+        )
         return sorted({sync_id for sync_id, g in links if g in sync_groups})
 
     def rows(self, sync_groups: list[str]) -> dict[tuple[str, str], dict]:
@@ -76,68 +85,95 @@ class Database:
         for row_id, name in self.query("SELECT id, name FROM authors"):
             rows["Author", row_id] = {"id": row_id, "name": name}
         for row_id, text, author, group_id, done, likes in self.query("SELECT * FROM todos"):
-            rows["Todo", row_id] = {"id": row_id, "text": text, "authorId": author, "groupId": group_id, "isDone": bool(done), "likeCount": likes}
+            rows["Todo", row_id] = {
+                "id": row_id,
+                "text": text,
+                "authorId": author,
+                "groupId": group_id,
+                "isDone": bool(done),
+                "likeCount": likes,
+            }
         return {key: row for key, row in rows.items() if sync_group_of(key[0], row) in sync_groups}
 
 
+def check_page(http, database: Database, since: int, limit: int, until: int | None = None) -> dict:
+    path = f"/sync?since={since}&limit={limit}" + (f"&until={until}" if until is not None else "")
+    response = http.get(path)
+    assert response.status_code == 200, response.get_json()
+    page = response.get_json()
+    assert page["syncGroups"] == database.sync_groups(http.user_id)
+    assert since <= page["lastSyncId"] <= (database.head() if until is None else until), "cursor out of range"
+    # Exactly the actions this user may see in (since, lastSyncId], in order: nothing leaked, skipped or repeated.
+    expected = database.visible_sync_ids(since, page["lastSyncId"], page["syncGroups"])
+    assert [a["syncId"] for a in page["sync"]] == expected
+    return page
+
+
 class ReplayingClient:
-    """What a Loco Sync client does with the API: bootstrap, then apply each
-    poll; lazy-bootstrap a group that appears in syncGroups, drop the rows of
-    one that disappears."""
+    """What a careful Loco Sync client does with the API: bootstrap, then
+    apply each poll. When a group appears in syncGroups it lazy-bootstraps it
+    first, and skips the group's actions that bootstrap already contained;
+    when a group disappears it drops the group's rows."""
 
     def __init__(self, http, database: Database):
         self.http, self.database = http, database
         body = http.get(f"/bootstrap?type=eager&models={MODELS}").get_json()
         self.rows = {(model, row["id"]): row for model, found in body["bootstrap"].items() for row in found}
         self.cursor, self.sync_groups = body["firstSyncId"], body["syncGroups"]
-        self.check_rows_are_visible()
+        self.loaded_at: dict[str, int] = {}  # group -> firstSyncId of its lazy bootstrap
 
-    def poll(self, limit: int) -> bool:
-        """One poll; returns whether another page follows."""
-        page = check_page(self.http, self.database, self.cursor, limit)
-        for action in page["sync"]:
-            key = (action["modelName"], action["modelId"])
-            if action["action"] == "delete":
-                self.rows.pop(key, None)
-            else:
-                self.rows[key] = action["data"]
-        self.cursor = page["lastSyncId"]
+    def poll(self, limit: int, until: int | None = None) -> bool:
+        """One page; returns whether another follows."""
+        page = check_page(self.http, self.database, self.cursor, limit, until)
         if page["syncGroups"] != self.sync_groups:
             event("poll: the client's sync groups changed")
             self.change_sync_groups(page["syncGroups"])
-        self.check_rows_are_visible()
+        for action in page["sync"]:
+            self.apply(action)
+        self.cursor = page["lastSyncId"]
+        outside = [key for key, row in self.rows.items() if sync_group_of(key[0], row) not in self.sync_groups]
+        assert not outside, f"rows outside {self.sync_groups}: {outside}"
         return page["hasMore"]
+
+    def apply(self, action: dict) -> None:
+        key, sync_id = (action["modelName"], action["modelId"]), action["syncId"]
+        if action["action"] == "delete":
+            if key in self.rows:
+                del self.rows[key]
+            else:  # only a lazy bootstrap taken after this delete can explain the row's absence
+                assert sync_id <= max(self.loaded_at.values(), default=0), f"delete of a row the client lacks: {action}"
+            return
+        if sync_id <= self.loaded_at.get(sync_group_of(key[0], action["data"]), 0):
+            return  # the lazy bootstrap of this group already reflects it
+        if action["action"] == "insert":
+            assert key not in self.rows, f"insert of a row the client has: {action}"
+        else:
+            assert key in self.rows, f"update of a row the client lacks: {action}"
+        self.rows[key] = action["data"]
 
     def change_sync_groups(self, sync_groups: list[str]) -> None:
         left = set(self.sync_groups) - set(sync_groups)
         self.rows = {key: row for key, row in self.rows.items() if sync_group_of(key[0], row) not in left}
+        for group_left in left:
+            self.loaded_at.pop(group_left, None)
         joined = [g for g in sync_groups if g not in self.sync_groups]
         if joined:
             response = self.http.get(f"/bootstrap?type=lazy&models={MODELS}&syncGroups={','.join(joined)}")
             assert response.status_code == 200, response.get_json()
-            for model, found in response.get_json()["bootstrap"].items():
+            body = response.get_json()
+            for model, found in body["bootstrap"].items():
                 self.rows.update({(model, row["id"]): row for row in found})
+            self.loaded_at.update(dict.fromkeys(joined, body["firstSyncId"]))
         self.sync_groups = sync_groups
 
-    def catch_up(self) -> None:
-        while self.poll(limit=5000):
+    def catch_up(self, limit: int) -> None:
+        """The client's catch-up after a handshake: deltaSync(cursor, head), page by page."""
+        head = self.http.get("/sync").get_json()["lastSyncId"]
+        while self.poll(limit, until=head):
             pass
 
-    def check_rows_are_visible(self) -> None:
-        outside = [key for key, row in self.rows.items() if sync_group_of(key[0], row) not in self.sync_groups]
-        assert not outside, f"rows outside {self.sync_groups}: {outside}"
-
-
-def check_page(http, database: Database, since: int, limit: int) -> dict:
-    response = http.get(f"/sync?since={since}&limit={limit}")
-    assert response.status_code == 200, response.get_json()
-    page = response.get_json()
-    assert page["syncGroups"] == database.sync_groups(http.user_id)
-    assert since <= page["lastSyncId"] <= database.head(), "the cursor moved backwards or past the head"
-    # Exactly the actions this user may see in (since, lastSyncId], in order: nothing leaked, nothing skipped.
-    expected = database.visible_sync_ids(since, page["lastSyncId"], page["syncGroups"])
-    assert [a["syncId"] for a in page["sync"]] == expected
-    return page
+    def check_replay(self) -> None:
+        assert self.rows == self.database.rows(self.sync_groups), "the replay differs from the server's rows"
 
 
 def target_group(change: dict, todo_groups: dict[str, str | None]) -> str | None:
@@ -165,20 +201,35 @@ class MultiUserWorkload(RuleBasedStateMachine):
         self.clients = [ReplayingClient(user, self.database) for user in self.users]
         self.committed: dict[tuple[int, str], tuple[list, dict]] = {}
 
-    @rule(user=st.integers(0, USERS - 1), changes=st.lists(CHANGES, min_size=1, max_size=3), transaction_id=st.none() | pick(["tx-1", "tx-2"]))
-    def write(self, user, changes, transaction_id):
+    @rule(user=st.integers(0, USERS - 1), data=st.data(), transaction_id=st.none() | st.sampled_from(["tx-1", "tx-2"]))
+    def write(self, user, data, transaction_id):
         http = self.users[user]
-        before = snapshot(self.app)
         allowed = set(self.database.sync_groups(http.user_id))
         todo_groups = {todo_id: f"group:{g}" for todo_id, g in self.database.query("SELECT id, group_id FROM todos")}
+        # Mostly the writer's own groups and todos, and new ids for creates, so that many writes
+        # are accepted; sometimes anything.
+        own_groups = [g for g in GROUP_IDS if f"group:{g}" in allowed]
+        own_todos = [t for t, g in todo_groups.items() if g in allowed]
+        new_todos = [t for t in TODO_IDS if t not in todo_groups]
+        choices = changes_for(
+            st.sampled_from(own_groups * 4 + GROUP_IDS),
+            st.sampled_from(new_todos * 4 + TODO_IDS),
+            st.sampled_from(own_todos * 4 + TODO_IDS),
+        )
+        changes = data.draw(st.lists(choices, min_size=1, max_size=3))
+        before = snapshot(self.app)
 
-        response = http.post("/mutate", json={"changes": changes, "transactionId": transaction_id} if transaction_id else {"changes": changes})
+        body = {"changes": changes, **({"transactionId": transaction_id} if transaction_id else {})}
+        response = http.post("/mutate", json=body)
         answer = response.get_json()
         event(f"write: {response.status_code} {answer.get('error', {}).get('code', '')}".strip())
 
         if (user, transaction_id) in self.committed:  # a retry: answered as before, or refused if it differs
             earlier_changes, earlier_answer = self.committed[user, transaction_id]
-            assert answer == earlier_answer if changes == earlier_changes else answer["error"]["code"] == "transaction_id_reused"
+            if changes == earlier_changes:
+                assert answer == earlier_answer
+            else:
+                assert answer["error"]["code"] == "transaction_id_reused"
             assert snapshot(self.app) == before
             return
         if response.status_code == 200:
@@ -198,12 +249,10 @@ class MultiUserWorkload(RuleBasedStateMachine):
             assert target in allowed, f"accepted a change outside the writer's groups: {change}"
             if change["modelName"] == "Todo" and change["action"] in ("create", "delete"):
                 todo_groups[change["modelId"]] = target if change["action"] == "create" else None
-            if change["modelName"] == "Group" and change["action"] == "delete":
-                allowed.discard(target)
         if refused is not None:
             assert target_group(refused, todo_groups) not in allowed, f"refused a change inside the writer's groups: {refused}"
 
-    @rule(user=st.integers(0, USERS - 1), group_id=pick(GROUP_IDS), member=st.booleans())
+    @rule(user=st.integers(0, USERS - 1), group_id=st.sampled_from(GROUP_IDS), member=st.booleans())
     def change_membership(self, user, group_id, member):
         set_member(self.app, self.users[user], f"group:{group_id}", member)
 
@@ -213,9 +262,11 @@ class MultiUserWorkload(RuleBasedStateMachine):
 
     @rule(user=st.integers(0, USERS - 1), data=st.data(), limit=st.integers(1, 8))
     def poll_from_a_random_cursor(self, user, data, limit):
-        check_page(self.users[user], self.database, data.draw(st.integers(0, self.database.head())), limit)
+        since = data.draw(st.integers(0, self.database.head()))
+        until = data.draw(st.none() | st.integers(since, self.database.head()))
+        check_page(self.users[user], self.database, since, limit, until)
 
-    @rule(user=st.integers(0, USERS - 1), sync_groups=st.lists(pick(["all", *(f"group:{g}" for g in GROUP_IDS)]), min_size=1, max_size=2, unique=True))
+    @rule(user=st.integers(0, USERS - 1), sync_groups=st.lists(st.sampled_from(["all", *(f"group:{g}" for g in GROUP_IDS)]), min_size=1, max_size=2, unique=True))
     def lazy_bootstrap(self, user, sync_groups):
         http = self.users[user]
         response = http.get(f"/bootstrap?type=lazy&models={MODELS}&syncGroups={','.join(sync_groups)}")
@@ -224,21 +275,19 @@ class MultiUserWorkload(RuleBasedStateMachine):
         if not set(sync_groups) <= set(member_of):
             assert response.status_code == 403 and "bootstrap" not in response.get_json()
             return
-        body = response.get_json()
-        served = {(model, row["id"]): row for model, found in body["bootstrap"].items() for row in found}
+        served = {(model, row["id"]): row for model, found in response.get_json()["bootstrap"].items() for row in found}
         assert served == self.database.rows(sync_groups)
 
-    @rule(user=st.integers(0, USERS - 1))
-    def catch_up_and_compare(self, user):
-        client = self.clients[user]
-        client.catch_up()
-        assert client.rows == self.database.rows(client.sync_groups), "the replay differs from the server's rows"
+    @rule(user=st.integers(0, USERS - 1), limit=st.integers(1, 8))
+    def catch_up_and_compare(self, user, limit):
+        self.clients[user].catch_up(limit)
+        self.clients[user].check_replay()
 
     def teardown(self):
         try:
             for client in self.clients:
-                client.catch_up()
-                assert client.rows == self.database.rows(client.sync_groups), "the replay differs from the server's rows"
+                client.catch_up(limit=5000)
+                client.check_replay()
         finally:
             with self.app.app_context():
                 db.engine.dispose()
