@@ -65,7 +65,7 @@ MAX_LIMIT = 5000
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app = Flask(__name__, instance_relative_config=True)
     app.config.from_mapping(
-        SQLALCHEMY_DATABASE_URI="sqlite:///" + os.path.join(app.instance_path, "loco.sqlite3"),
+        SQLALCHEMY_DATABASE_URI=os.environ.get("DATABASE_URL") or "sqlite:///" + os.path.join(app.instance_path, "loco.sqlite3"),
         MAX_CONTENT_LENGTH=1024 * 1024,
         SQLITE_BUSY_TIMEOUT_MS=2000,  # how long one attempt waits for the write lock
         BUSY_RETRIES=3,  # further attempts, with backoff, before answering 503
