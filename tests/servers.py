@@ -1,0 +1,107 @@
+"""The app as it runs in production: gunicorn processes on 127.0.0.1, and a
+small keep-alive HTTP client for the tests that drive them."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKERS, THREADS = 2, 8
+
+
+class Gunicorn:
+    """`gunicorn --workers 2 --threads 8 'app:create_app()'` on a free port, on one database."""
+
+    def __init__(self, database_url: str, log_path: Path):
+        self.database_url, self.log_path = database_url, log_path
+        self.process: subprocess.Popen | None = None
+        self.url = ""
+
+    def start(self, timeout: float = 30) -> None:
+        log = open(self.log_path, "ab")
+        start = self.log_path.stat().st_size
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "--workers", str(WORKERS), "--threads", str(THREADS),
+             "--bind", "127.0.0.1:0", "--graceful-timeout", "5", "app:create_app()"],
+            cwd=ROOT,
+            env={**os.environ, "DATABASE_URL": self.database_url},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # so a kill reaches the master and every worker
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log_path.read_bytes()[start:].decode(errors="replace")
+            listening = re.search(r"Listening at: http://127\.0\.0\.1:(\d+)", text)
+            if listening and text.count("Booting worker") >= WORKERS:
+                self.url = f"http://127.0.0.1:{listening[1]}"
+                if self.answers():
+                    return
+            assert self.process.poll() is None, f"gunicorn exited:\n{text}"
+            time.sleep(0.05)
+        raise AssertionError(f"gunicorn did not start in {timeout} s:\n{self.log_path.read_text()}")
+
+    def answers(self) -> bool:
+        try:
+            status, _, _ = Api(self, "").request("GET", "/sync")
+        except OSError:
+            return False
+        return status == 401
+
+    def kill(self) -> None:
+        """SIGKILL the master and all workers: no shutdown code runs."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+class ServerDown(Exception):
+    """The request may or may not have reached the server: the connection failed."""
+
+
+class Api:
+    """One keep-alive connection, as one client has; follows the server across restarts."""
+
+    def __init__(self, server: Gunicorn, token: str):
+        self.server, self.token = server, token
+        self.connection: http.client.HTTPConnection | None = None
+        self.url = ""
+
+    def request(self, method: str, path: str, body: Any = None) -> tuple[int, dict[str, str], Any]:
+        if self.connection is None or self.url != self.server.url:
+            self.close()
+            self.url = self.server.url
+            self.connection = http.client.HTTPConnection(self.url.removeprefix("http://"), timeout=60)
+        headers = {"Authorization": f"Bearer {self.token}"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        try:
+            self.connection.request(method, path, body=None if body is None else json.dumps(body), headers=headers)
+            response = self.connection.getresponse()
+            payload = response.read()
+        except (OSError, http.client.HTTPException) as error:
+            self.close()
+            raise ServerDown(str(error)) from error
+        return response.status, dict(response.getheaders()), json.loads(payload)
+
+    def close(self) -> None:
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None

@@ -1,0 +1,177 @@
+"""Load through gunicorn (2 worker processes, 8 threads each) on one SQLite
+file: 16 writers and 8 pollers of four users at once. Every acknowledged
+transaction is in the log; every poller sees each action it may see exactly
+once, in order; each poller's replay equals its user's final bootstrap; no
+request fails but with a 503 that carries Retry-After and then succeeds.
+
+LOAD_TRANSACTIONS sets the number of transactions (800 by default, sized
+for CI; `LOAD_TRANSACTIONS=20000 python -m pytest tests/test_load.py -s` is
+the full run, and prints what it held)."""
+
+import os
+import random
+import sqlite3
+import threading
+import time
+
+import pytest
+
+from app import create_app
+from helpers import as_store, create, delete, group, mutate, replay, sign_in, todo, update
+from models import db
+from servers import THREADS, WORKERS, Api, Gunicorn
+
+WRITERS, POLLERS = 16, 8
+TRANSACTIONS = int(os.environ.get("LOAD_TRANSACTIONS", 800))
+GROUPS = ["g1", "g2", "g3", "g4"]
+MODELS = "Group,Author,Todo"
+
+
+@pytest.fixture
+def world(tmp_path):
+    """Four users: the founder in every group, the others in two neighbouring groups each; then gunicorn."""
+    url = f"sqlite:///{tmp_path / 'loco.sqlite3'}"
+    app = create_app({"SQLALCHEMY_DATABASE_URI": url})
+    founder = sign_in(app, "founder")
+    mutate(founder, create("Author", "a1", name="Ada"), *map(group, GROUPS))
+    users = [(founder.token, GROUPS)]
+    for n in range(1, 4):
+        groups = [GROUPS[n - 1], GROUPS[n]]
+        users.append((sign_in(app, f"user {n}", *(f"group:{g}" for g in groups)).token, groups))
+    with app.app_context():
+        db.engine.dispose()
+    server = Gunicorn(url, tmp_path / "gunicorn.log")
+    server.start()
+    yield server, users, tmp_path / "loco.sqlite3"
+    server.stop()
+
+
+def send(api: Api, body: dict, seen: list) -> int:
+    """A transaction as the Loco Sync client sends it: again after a 503 (type network)."""
+    while True:
+        status, headers, answer = api.request("POST", "/mutate", body)
+        seen.append(status)
+        if status == 503:
+            assert answer["error"]["type"] == "network" and "Retry-After" in headers, answer
+            time.sleep(0.05)
+            continue
+        assert status == 200, answer
+        return answer["lastSyncId"]
+
+
+def random_transaction(rng: random.Random, writer: int, number: int, groups: list[str], alive: list[str]) -> list[dict]:
+    changes = []
+    for position in range(rng.choice([1, 1, 2, 3])):
+        roll = rng.random()
+        if alive and roll < 0.35:
+            changes.append(update("Todo", rng.choice(alive), likeCount=rng.randint(0, 99), isDone=rng.random() < 0.5))
+        elif alive and roll < 0.5:
+            changes.append(delete("Todo", alive.pop(rng.randrange(len(alive)))))
+        else:
+            todo_id = f"w{writer}-{number}-{position}"
+            alive.append(todo_id)
+            changes.append(todo(todo_id, rng.choice(groups), text=f"written by {writer}"))
+    return changes
+
+
+def test_load_through_gunicorn_loses_duplicates_and_reorders_nothing(world):
+    server, users, database = world
+    acknowledged: list[tuple[int, list[dict]]] = []
+    statuses: list[int] = []
+    errors: list[BaseException] = []
+    writers_done = threading.Event()
+    seen: list[list[dict]] = [[] for _ in range(POLLERS)]
+    polls = [0] * POLLERS
+
+    def writer(number: int):
+        token, groups = users[number % len(users)]
+        api, rng, alive = Api(server, token), random.Random(number), []
+        for transaction in range(TRANSACTIONS // WRITERS):
+            changes = random_transaction(rng, number, transaction, groups, alive)
+            body = {"changes": changes}
+            if transaction % 4 == 0:
+                body["transactionId"] = f"w{number}-{transaction}"
+            last_sync_id = send(api, body, statuses)
+            if "transactionId" in body:  # the response was "lost": the retry must change nothing
+                assert send(api, body, statuses) == last_sync_id
+            acknowledged.append((last_sync_id, changes))
+
+    def poller(number: int):
+        api, rng, cursor = Api(server, users[number % len(users)][0]), random.Random(1000 + number), 0
+        while True:
+            finished = writers_done.is_set()  # read before polling, so the last poll is complete
+            status, _, page = api.request("GET", f"/sync?since={cursor}&limit={rng.randint(1, 300)}")
+            statuses.append(status)
+            assert status == 200, page
+            assert page["lastSyncId"] >= cursor, "the cursor moved backwards"
+            seen[number] += page["sync"]
+            polls[number] += 1
+            cursor = page["lastSyncId"]
+            if not page["hasMore"]:
+                if finished:
+                    return
+                time.sleep(0.02)  # a poll interval, as a client has
+
+    def guarded(target, number):
+        try:
+            target(number)
+        except BaseException as error:  # surfaced in the main thread below
+            errors.append(error)
+            writers_done.set()
+
+    threads = [threading.Thread(target=guarded, args=(poller, n)) for n in range(POLLERS)]
+    writers = [threading.Thread(target=guarded, args=(writer, n)) for n in range(WRITERS)]
+    started = time.monotonic()
+    for thread in threads + writers:
+        thread.start()
+    for thread in writers:
+        thread.join()
+    writing = time.monotonic() - started
+    writers_done.set()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+
+    founder = Api(server, users[0][0])
+    log = read_log(founder)
+    head = len(GROUPS) + 1 + sum(len(changes) for _, changes in acknowledged)
+    assert [action["syncId"] for action in log] == list(range(1, head + 1))  # contiguous: nothing lost twice or skipped
+    assert set(statuses) <= {200, 503}, sorted(set(statuses))
+
+    for last_sync_id, changes in acknowledged:  # each acknowledged transaction is in the log, whole
+        mine = log[last_sync_id - len(changes) : last_sync_id]
+        assert [(a["modelId"], a["action"]) for a in mine] == [
+            (c["modelId"], {"create": "insert"}.get(c["action"], c["action"])) for c in changes
+        ]
+
+    links = action_groups(database)
+    for number, actions in enumerate(seen):
+        token, groups = users[number % len(users)]
+        allowed = {"all", *(f"group:{g}" for g in groups)}
+        assert actions == [a for a in log if links[a["syncId"]] & allowed], f"poller {number} missed or repeated actions"
+        _, _, everything = Api(server, token).request("GET", f"/bootstrap?type=eager&models={MODELS}")
+        assert replay(actions) == as_store(everything["bootstrap"]), f"poller {number}'s replay differs from its bootstrap"
+
+    print(
+        f"\nload held: {len(acknowledged)} transactions ({head} actions) from {WRITERS} writers, "
+        f"{sum(polls)} polls from {POLLERS} pollers, gunicorn {WORKERS} workers x {THREADS} threads; "
+        f"{len(acknowledged) / writing:.0f} transactions/s; {statuses.count(503)} answers 503, each then retried"
+    )
+
+
+def read_log(api: Api) -> list[dict]:
+    log, cursor = [], 0
+    while True:
+        _, _, page = api.request("GET", f"/sync?since={cursor}&limit=5000")
+        log += page["sync"]
+        cursor = page["lastSyncId"]
+        if not page["hasMore"]:
+            return log
+
+
+def action_groups(database) -> dict[int, set[str]]:
+    groups: dict[int, set[str]] = {}
+    with sqlite3.connect(database) as connection:
+        for sync_action_id, sync_group in connection.execute("SELECT sync_action_id, sync_group FROM sync_action_group"):
+            groups.setdefault(sync_action_id, set()).add(sync_group)
+    return groups
