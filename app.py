@@ -7,13 +7,15 @@ Read top to bottom, this file follows the protocol:
   4. POST /mutate    (sendTransaction)  commit_changes writes rows + sync actions
   5. GET /bootstrap  (bootstrap)        rows and firstSyncId from one snapshot
   6. GET /sync       (deltaSync, poll)  the sync actions after a syncId
-  7. errors                             ApiError and the JSON error shape
-  8. CLI                                init-db, seed, create-user, add-member, remove-member
+  7. GET /openapi.json                  the API described from its marshmallow schemas
+  8. errors                             ApiError and the JSON error shape
+  9. CLI                                init-db, seed, create-user, add-member, remove-member
 Tables, wire schemas and sync-group rules live in models.py.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -27,6 +29,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import click
+from apispec import APISpec
+from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Blueprint, Flask, current_app, g, request
 from flask.cli import with_appcontext
 from marshmallow import Schema, ValidationError, fields, post_load, validate, validates_schema
@@ -86,6 +90,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         in_write_transaction(lambda: db.metadata.create_all(db.session.connection()))
 
     app.register_blueprint(api)
+    app.add_url_rule("/openapi.json", view_func=openapi_document)  # not on `api`: it needs no token
     app.after_request(allow_cross_origin)
     app.register_error_handler(ApiError, error_response)
     app.register_error_handler(HTTPException, http_error)
@@ -565,7 +570,186 @@ def sync():
     }
 
 
-# --- 7. Errors --------------------------------------------------------------
+# --- 7. OpenAPI -------------------------------------------------------------
+# GET /openapi.json is built by apispec from the marshmallow schemas that
+# validate requests, so it cannot drift from what the endpoints enforce.
+# tests/test_fuzz.py generates requests from it. It needs no token.
+# The endpoints build their answers as dicts; the response schemas below only
+# describe them (test_openapi.py checks real responses against them).
+
+
+def sync_id_field(**kwargs) -> fields.Integer:
+    return fields.Integer(strict=True, validate=validate.Range(0, INT64[1]), **kwargs)
+
+
+class SyncActionSchema(Schema):
+    sync_id = sync_id_field(data_key="syncId", required=True)
+    action = fields.String(required=True, validate=validate.OneOf(["insert", "update", "delete"]))
+    model_name = fields.String(data_key="modelName", required=True, validate=validate.OneOf(list(SYNCED_MODELS)))
+    model_id = model_id(data_key="modelId", required=True)
+    data = fields.Dict(
+        metadata={
+            "description": "The full row after the change; absent on delete.",
+            "anyOf": [{"$ref": f"#/components/schemas/{name}"} for name in SYNCED_MODELS],
+        }
+    )
+
+
+class SyncResponseSchema(Schema):
+    sync = fields.List(fields.Nested(SyncActionSchema), required=True)
+    last_sync_id = sync_id_field(data_key="lastSyncId", required=True)
+    sync_groups = fields.List(fields.String(), data_key="syncGroups", required=True)
+    has_more = fields.Boolean(data_key="hasMore", required=True)
+
+
+# A key for each requested model, holding rows of that model's schema.
+BootstrapRowsSchema = Schema.from_dict(
+    {name: fields.List(fields.Nested(type(model.schema))) for name, model in SYNCED_MODELS.items()}, name="BootstrapRows"
+)
+
+
+class BootstrapResponseSchema(Schema):
+    bootstrap = fields.Nested(BootstrapRowsSchema, required=True)
+    first_sync_id = sync_id_field(data_key="firstSyncId", required=True)
+    sync_groups = fields.List(fields.String(), data_key="syncGroups", required=True)
+
+
+class MutateResponseSchema(Schema):
+    last_sync_id = sync_id_field(data_key="lastSyncId", required=True)
+
+
+class ErrorSchema(Schema):
+    type = fields.String(required=True, validate=validate.OneOf(["server", "auth", "network"]))
+    code = fields.String(required=True)
+    message = fields.String(required=True)
+    details = fields.Raw(required=True, allow_none=True)
+
+
+class ErrorResponseSchema(Schema):
+    error = fields.Nested(ErrorSchema, required=True)
+
+
+def success(schema: type[Schema], description: str) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def refusal(description: str, **headers: str) -> dict:
+    """A documented error status: the one error shape, and the headers it always has."""
+    response = success(ErrorResponseSchema, description)
+    if headers:
+        response["headers"] = {
+            name: {"required": True, "schema": {"type": "string"}, "description": about} for name, about in headers.items()
+        }
+    return response
+
+
+def api_operations() -> dict[str, Any]:
+    """Each path's operations, in apispec's input form (a new dict each time: apispec resolves it in place)."""
+    unauthorized = refusal(
+        "unauthorized (type auth): a missing, malformed or unknown token.", **{"WWW-Authenticate": "Bearer: send a token."}
+    )
+    internal_error = refusal("internal_error: a bug; the transaction was rolled back.")
+    return {
+        "/mutate": {
+            "post": {
+                "summary": "Apply changes in one transaction, all or nothing (the client's sendTransaction).",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": MutateSchema}}},
+                "responses": {
+                    200: success(MutateResponseSchema, "Committed; lastSyncId is the greatest syncId it created."),
+                    400: refusal("invalid_request (details has the messages per field) or invalid_json."),
+                    401: unauthorized,
+                    403: refusal("forbidden (type server): a change outside the caller's sync groups."),
+                    409: refusal(
+                        "already_exists, does_not_exist, unknown_reference, still_referenced, "
+                        "sync_groups_changed, transaction_id_reused or sync_group_reused."
+                    ),
+                    413: refusal("payload_too_large: the body is over 1 MiB."),
+                    415: refusal("unsupported_media_type: the body is not sent as application/json."),
+                    500: internal_error,
+                    503: refusal(
+                        "database_busy (type network): nothing was written; retry.", **{"Retry-After": "Seconds to wait."}
+                    ),
+                },
+            }
+        },
+        "/bootstrap": {
+            "get": {
+                "summary": "Rows of some models, and the firstSyncId they reflect, from one snapshot.",
+                "parameters": [{"in": "query", "schema": BootstrapQuerySchema}],
+                "responses": {
+                    200: success(BootstrapResponseSchema, "A key per requested model; syncGroups are the groups served."),
+                    400: refusal("invalid_request."),
+                    401: unauthorized,
+                    403: refusal("forbidden (type auth): a lazy bootstrap of a sync group the caller lacks."),
+                    500: internal_error,
+                },
+            }
+        },
+        "/sync": {
+            "get": {
+                "summary": "The handshake (without since), or the caller's sync actions after since.",
+                "parameters": [{"in": "query", "schema": SyncQuerySchema}],
+                "responses": {
+                    200: success(SyncResponseSchema, "Pass lastSyncId as the next since; hasMore says a page follows."),
+                    400: refusal("invalid_request."),
+                    401: unauthorized,
+                    409: refusal("unknown_cursor: since is not a cursor of this database; bootstrap again."),
+                    500: internal_error,
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "summary": "This document.",
+                "security": [],
+                "responses": {
+                    200: {"description": "OpenAPI 3.0.3.", "content": {"application/json": {"schema": {"type": "object"}}}},
+                    500: internal_error,
+                },
+            }
+        },
+    }
+
+
+# SyncId and CommaList parse query strings; the document says what the strings may hold.
+COMMA_LIST_ITEMS = {known_model: "|".join(map(re.escape, SYNCED_MODELS)), well_formed_sync_group: SYNC_GROUP.pattern}
+
+
+def query_field_properties(converter, field: fields.Field, ret: dict, **_) -> dict:
+    if isinstance(field, SyncId):
+        return {"minimum": ret.get("minimum", 0), "maximum": ret.get("maximum", INT64[1])}
+    if isinstance(field, CommaList):
+        items = "(?:{0})(?:,(?:{0}))*".format(COMMA_LIST_ITEMS[field.item])
+        return {"pattern": f"^(?:{items})?$" if field.allow_empty else f"^{items}$"}
+    return {}
+
+
+@functools.cache
+def openapi_document() -> dict[str, Any]:
+    plugin = MarshmallowPlugin()
+    spec = APISpec(
+        title="Loco Sync backend",
+        version="1",
+        openapi_version="3.0.3",
+        plugins=[plugin],
+        info={"description": "Mutate, bootstrap and sync for Loco Sync. Every non-2xx response is an ErrorResponse."},
+        security=[{"bearer": []}],
+    )
+    plugin.map_to_openapi_type(SyncId, "integer", "int64")
+    plugin.map_to_openapi_type(CommaList, "string", None)
+    plugin.converter.add_attribute_function(query_field_properties)
+    spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer", "description": "<userId>.<secret>"})
+    for name, model in SYNCED_MODELS.items():  # rows are named as the client names their models
+        spec.components.schema(name, schema=type(model.schema))
+    # Given for the paths and methods that are not listed.
+    spec.components.response("NotFound", refusal("not_found: no such endpoint."))
+    spec.components.response("MethodNotAllowed", refusal("method_not_allowed.", Allow="The methods the path takes."))
+    for path, operations in api_operations().items():
+        spec.path(path=path, operations=operations)
+    return spec.to_dict()
+
+
+# --- 8. Errors --------------------------------------------------------------
 
 
 class ApiError(Exception):
@@ -661,7 +845,7 @@ def describe(messages: Any, path: str = "") -> list[str]:
     return [f"{path or 'body'}: {messages}"]
 
 
-# --- 8. CLI -----------------------------------------------------------------
+# --- 9. CLI -----------------------------------------------------------------
 
 
 @click.command("init-db")

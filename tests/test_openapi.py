@@ -1,0 +1,192 @@
+"""GET /openapi.json: an OpenAPI 3 description of the API, generated from the
+app's marshmallow schemas, that validates, lists every endpoint and status,
+describes the responses the app really gives, and is served without a token."""
+
+import re
+from pathlib import Path
+
+import pytest
+from openapi_schema_validator import OAS30Validator
+from openapi_spec_validator import validate
+
+from helpers import create, delete, group, mutate, sign_in, todo
+from models import SYNCED_MODELS
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+OPERATIONS = {
+    ("POST", "/mutate"): {200, 400, 401, 403, 409, 413, 415, 500, 503},
+    ("GET", "/bootstrap"): {200, 400, 401, 403, 500},
+    ("GET", "/sync"): {200, 400, 401, 409, 500},
+    ("GET", "/openapi.json"): {200, 500},
+}
+# Given for paths and methods the document does not list, so not under any operation.
+COMPONENT_RESPONSES = {"NotFound": 404, "MethodNotAllowed": 405}
+ERROR_RESPONSE = {"$ref": "#/components/schemas/ErrorResponse"}
+
+
+@pytest.fixture
+def document(anonymous):
+    response = anonymous.get("/openapi.json")
+    assert response.status_code == 200
+    return response.get_json()
+
+
+def documented_responses(document) -> list[tuple[int, dict]]:
+    """(status, response object) for every operation's responses and the reusable ones."""
+    found = [
+        (int(status), response)
+        for operations in document["paths"].values()
+        for operation in operations.values()
+        for status, response in operation["responses"].items()
+    ]
+    return found + [(COMPONENT_RESPONSES[name], r) for name, r in document["components"]["responses"].items()]
+
+
+def test_it_is_served_as_json_without_a_token(anonymous):
+    for headers in ({}, {"Authorization": "Bearer 1.wrong"}, {"Authorization": "nonsense"}):
+        response = anonymous.get("/openapi.json", headers=headers)
+        assert response.status_code == 200, response.get_data(as_text=True)
+        assert response.mimetype == "application/json"
+        assert response.get_json()["openapi"] == "3.0.3"
+
+
+def test_the_document_is_valid_openapi_3(document):
+    validate(document)  # raises on the first violation of the OpenAPI 3.0 specification
+
+
+def test_every_endpoint_of_the_app_is_described_and_nothing_else(app, document):
+    served = {
+        (method, rule.rule)
+        for rule in app.url_map.iter_rules()
+        if rule.endpoint != "static"
+        for method in rule.methods - {"HEAD", "OPTIONS"}
+    }
+    described = {(method.upper(), path) for path, operations in document["paths"].items() for method in operations}
+    assert described == served == set(OPERATIONS)
+
+
+def test_every_status_an_endpoint_gives_is_documented_with_the_error_shape(document):
+    for (method, path), statuses in OPERATIONS.items():
+        responses = document["paths"][path][method.lower()]["responses"]
+        assert {int(status) for status in responses} == statuses, (method, path)
+    for status, response in documented_responses(document):
+        if status >= 400:
+            assert response["content"]["application/json"]["schema"] == ERROR_RESPONSE, status
+    assert document["paths"]["/mutate"]["post"]["responses"]["503"]["headers"]["Retry-After"]["required"]
+    assert document["components"]["responses"]["MethodNotAllowed"]["headers"]["Allow"]["required"]
+
+
+def test_every_row_of_the_readmes_error_table_is_documented(document):
+    """The README's table is the contract: each status is documented, and each of its codes named there."""
+    rows = re.findall(r"^\| (\d{3}) \| \w+ \| (.+?) \|", README.read_text(), re.MULTILINE)
+    assert len(rows) >= 15
+    descriptions: dict[int, str] = {}
+    for status, response in documented_responses(document):
+        descriptions[status] = descriptions.get(status, "") + response["description"]
+    for status, codes in rows:
+        for code in re.findall(r"`(\w+)`", codes):
+            assert code in descriptions.get(int(status), ""), (status, code)
+
+
+def test_the_error_schema_is_exactly_the_error_shape(document):
+    schemas = document["components"]["schemas"]
+    assert schemas["ErrorResponse"]["required"] == ["error"]
+    assert schemas["ErrorResponse"]["additionalProperties"] is False
+    error = schemas["Error"]
+    assert set(error["properties"]) == set(error["required"]) == {"type", "code", "message", "details"}
+    assert error["additionalProperties"] is False
+    assert error["properties"]["type"]["enum"] == ["server", "auth", "network"]
+
+
+def test_the_bearer_token_is_required_everywhere_but_here(document):
+    assert document["components"]["securitySchemes"]["bearer"]["type"] == "http"
+    assert document["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    assert document["security"] == [{"bearer": []}]
+    assert document["paths"]["/openapi.json"]["get"]["security"] == []
+    for path in ("/mutate", "/bootstrap", "/sync"):
+        assert "security" not in next(iter(document["paths"][path].values()))  # the global requirement applies
+
+
+def test_query_parameters_are_typed(document):
+    def parameters(path):
+        found = document["paths"][path]["get"]["parameters"]
+        assert all(p["in"] == "query" for p in found)
+        return {p["name"]: (p["required"], p["schema"]) for p in found}
+
+    sync = parameters("/sync")
+    assert set(sync) == {"since", "until", "limit"}
+    for name, (required, schema) in sync.items():
+        assert not required and schema["type"] == "integer" and schema["minimum"] >= 0, name
+    assert (sync["limit"][1]["minimum"], sync["limit"][1]["maximum"]) == (1, 5000)
+
+    bootstrap = parameters("/bootstrap")
+    assert bootstrap["type"] == (True, {"type": "string", "enum": ["eager", "lazy"]})
+    assert bootstrap["models"][0] and not bootstrap["syncGroups"][0]
+    assert bootstrap["models"][1]["type"] == bootstrap["syncGroups"][1]["type"] == "string"
+
+
+MODELS_LISTS = ["", "Todo", "Todo,Group,Author", "Todo,Todo", "Todo,", ",Todo", "todo", "Todo Group", "Todo,,Group"]
+SYNC_GROUP_LISTS = ["all", "group:g1", "group:g1,all", "", "group:", "group:g1,", "al", "group:a,b", "group:" + "x" * 256]
+
+
+def test_the_query_patterns_accept_exactly_what_the_app_accepts(seeded, document):
+    parameters = {p["name"]: p["schema"] for p in document["paths"]["/bootstrap"]["get"]["parameters"]}
+    for models in MODELS_LISTS:
+        accepted = seeded.get("/bootstrap", query_string={"type": "eager", "models": models}).status_code == 200
+        assert accepted == bool(re.fullmatch(parameters["models"]["pattern"], models)), models
+    for sync_groups in SYNC_GROUP_LISTS:
+        response = seeded.get("/bootstrap", query_string={"type": "lazy", "models": "", "syncGroups": sync_groups})
+        assert (response.status_code != 400) == bool(re.fullmatch(parameters["syncGroups"]["pattern"], sync_groups))
+
+
+def test_row_schemas_are_the_models_wire_shapes(document):
+    for name, model in SYNCED_MODELS.items():
+        row = document["components"]["schemas"][name]
+        wire_names = {field.data_key or attribute for attribute, field in model.schema.fields.items()}
+        assert set(row["properties"]) == set(row["required"]) == wire_names, name
+    assert document["components"]["schemas"]["Todo"]["properties"]["likeCount"]["type"] == "integer"
+    assert document["components"]["schemas"]["Todo"]["properties"]["isDone"]["type"] == "boolean"
+
+
+def conforms(document, method: str, path: str, response) -> None:
+    """The response body is valid against the schema documented for its status."""
+    if path in document["paths"]:
+        documented = document["paths"][path][method.lower()]["responses"][str(response.status_code)]
+    else:
+        documented = document["components"]["responses"]["NotFound"]
+    schema = documented["content"]["application/json"]["schema"]
+    OAS30Validator({**schema, "components": document["components"]}).validate(response.get_json())
+
+
+def test_the_responses_the_app_gives_conform_to_the_document(app, seeded, anonymous, document):
+    mutate(seeded, todo("t2", "g2"), delete("Todo", "t2"))
+    grace = sign_in(app, "Grace", "group:g1")
+    requests = [
+        (seeded, "POST", "/mutate", {"json": {"changes": [group("g3")], "transactionId": "tx-1"}}),  # 200
+        (seeded, "POST", "/mutate", {"json": {"changes": []}}),  # 400 invalid_request
+        (seeded, "POST", "/mutate", {"data": b"{", "content_type": "application/json"}),  # 400 invalid_json
+        (anonymous, "POST", "/mutate", {"json": {"changes": [group("g4")]}}),  # 401
+        (grace, "POST", "/mutate", {"json": {"changes": [todo("t3", "g2")]}}),  # 403 server
+        (seeded, "POST", "/mutate", {"json": {"changes": [create("Author", "a1", name="A")]}}),  # 409
+        (seeded, "POST", "/mutate", {"data": b" " * (1024 * 1024 + 1), "content_type": "application/json"}),  # 413
+        (seeded, "POST", "/mutate", {"data": b"{}", "content_type": "text/plain"}),  # 415
+        (seeded, "GET", "/bootstrap?type=eager&models=Group,Author,Todo", {}),  # 200
+        (grace, "GET", "/bootstrap?type=lazy&models=Todo&syncGroups=group:g2", {}),  # 403 auth
+        (seeded, "GET", "/bootstrap?type=lazy&models=Todo", {}),  # 400
+        (seeded, "GET", "/sync", {}),  # 200, the handshake
+        (seeded, "GET", "/sync?since=0&limit=2", {}),  # 200, a page
+        (seeded, "GET", "/sync?since=0", {}),  # 200, with an insert, an update and a delete
+        (seeded, "GET", "/sync?since=999", {}),  # 409
+        (seeded, "GET", "/sync?since=x", {}),  # 400
+        (anonymous, "GET", "/sync", {}),  # 401
+        (anonymous, "GET", "/openapi.json", {}),  # 200
+        (seeded, "GET", "/nowhere", {}),  # 404
+    ]
+    statuses = set()
+    for client, method, path, kwargs in requests:
+        response = client.open(path, method=method, **kwargs)
+        conforms(document, method, path.split("?")[0], response)
+        statuses.add((method, path.split("?")[0], response.status_code))
+    assert {status for _, _, status in statuses} == {200, 400, 401, 403, 404, 409, 413, 415}
+    with pytest.raises(Exception):  # and the check can fail: a body that is not the documented one
+        OAS30Validator({**ERROR_RESPONSE, "components": document["components"]}).validate({"error": "nope"})
