@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
+import time
 from typing import Any
 
 from app import in_write_transaction, join, leave, new_user
@@ -123,3 +125,66 @@ def read_log(client, since: int = 0, limit: int = 5000) -> list[dict]:
         since = page["lastSyncId"]
         if not page["hasMore"]:
             return actions
+
+
+def random_transaction(rng, writer: int, number: int, groups: list[str], alive: list[str]) -> list[dict]:
+    """1 to 3 changes to the writer's own todos: creates in its groups, updates and deletes of live ones."""
+    changes = []
+    for position in range(rng.choice([1, 1, 2, 3])):
+        roll = rng.random()
+        if alive and roll < 0.35:
+            changes.append(update("Todo", rng.choice(alive), likeCount=rng.randint(0, 99), isDone=rng.random() < 0.5))
+        elif alive and roll < 0.5:
+            changes.append(delete("Todo", alive.pop(rng.randrange(len(alive)))))
+        else:
+            todo_id = f"w{writer}-{number}-{position}"
+            alive.append(todo_id)
+            changes.append(todo(todo_id, rng.choice(groups), text=f"written by {writer}"))
+    return changes
+
+
+def assert_acknowledged_in_log(log: list[dict], acknowledged) -> None:
+    """Each (lastSyncId, changes) is in the log, whole and contiguous, ending at its lastSyncId."""
+    for last_sync_id, changes in acknowledged:
+        mine = log[last_sync_id - len(changes) : last_sync_id]
+        assert [(a["modelId"], a["action"]) for a in mine] == [
+            (c["modelId"], {"create": "insert"}.get(c["action"], c["action"])) for c in changes
+        ], f"transaction ending at {last_sync_id} is not in the log as acknowledged"
+
+
+def action_groups(database: str) -> dict[int, set[str]]:
+    """syncId -> its sync groups, read from the file."""
+    groups: dict[int, set[str]] = {}
+    with sqlite3.connect(database) as connection:
+        for sync_action_id, sync_group in connection.execute("SELECT sync_action_id, sync_group FROM sync_action_group"):
+            groups.setdefault(sync_action_id, set()).add(sync_group)
+    return groups
+
+
+def run_clients(writer, writers: int, poller, pollers: int) -> float:
+    """Run writer(n) and poller(n, writers_done) in threads at once; pollers
+    finish once every writer has. Returns the writers' seconds; raises the
+    first failure of any thread."""
+    errors: list[BaseException] = []
+    writers_done = threading.Event()
+
+    def guarded(target, *args):
+        try:
+            target(*args)
+        except BaseException as error:  # surfaced in the calling thread below
+            errors.append(error)
+            writers_done.set()
+
+    polling = [threading.Thread(target=guarded, args=(poller, n, writers_done)) for n in range(pollers)]
+    writing = [threading.Thread(target=guarded, args=(writer, n)) for n in range(writers)]
+    started = time.monotonic()
+    for thread in polling + writing:
+        thread.start()
+    for thread in writing:
+        thread.join()
+    seconds = time.monotonic() - started
+    writers_done.set()
+    for thread in polling:
+        thread.join()
+    assert not errors, errors
+    return seconds

@@ -10,14 +10,23 @@ the full run, and prints what it held)."""
 
 import os
 import random
-import sqlite3
-import threading
 import time
 
 import pytest
 
 from app import create_app
-from helpers import as_store, create, delete, group, mutate, replay, sign_in, todo, update
+from helpers import (
+    action_groups,
+    as_store,
+    assert_acknowledged_in_log,
+    create,
+    group,
+    mutate,
+    random_transaction,
+    replay,
+    run_clients,
+    sign_in,
+)
 from models import db
 from servers import THREADS, WORKERS, Api, Gunicorn
 
@@ -59,27 +68,10 @@ def send(api: Api, body: dict, seen: list) -> int:
         return answer["lastSyncId"]
 
 
-def random_transaction(rng: random.Random, writer: int, number: int, groups: list[str], alive: list[str]) -> list[dict]:
-    changes = []
-    for position in range(rng.choice([1, 1, 2, 3])):
-        roll = rng.random()
-        if alive and roll < 0.35:
-            changes.append(update("Todo", rng.choice(alive), likeCount=rng.randint(0, 99), isDone=rng.random() < 0.5))
-        elif alive and roll < 0.5:
-            changes.append(delete("Todo", alive.pop(rng.randrange(len(alive)))))
-        else:
-            todo_id = f"w{writer}-{number}-{position}"
-            alive.append(todo_id)
-            changes.append(todo(todo_id, rng.choice(groups), text=f"written by {writer}"))
-    return changes
-
-
 def test_load_through_gunicorn_loses_duplicates_and_reorders_nothing(world):
     server, users, database = world
     acknowledged: list[tuple[int, list[dict]]] = []
     statuses: list[int] = []
-    errors: list[BaseException] = []
-    writers_done = threading.Event()
     seen: list[list[dict]] = [[] for _ in range(POLLERS)]
     polls = [0] * POLLERS
 
@@ -96,7 +88,7 @@ def test_load_through_gunicorn_loses_duplicates_and_reorders_nothing(world):
                 assert send(api, body, statuses) == last_sync_id
             acknowledged.append((last_sync_id, changes))
 
-    def poller(number: int):
+    def poller(number: int, writers_done):
         api, rng, cursor = Api(server, users[number % len(users)][0]), random.Random(1000 + number), 0
         while True:
             finished = writers_done.is_set()  # read before polling, so the last poll is complete
@@ -112,25 +104,7 @@ def test_load_through_gunicorn_loses_duplicates_and_reorders_nothing(world):
                     return
                 time.sleep(0.02)  # a poll interval, as a client has
 
-    def guarded(target, number):
-        try:
-            target(number)
-        except BaseException as error:  # surfaced in the main thread below
-            errors.append(error)
-            writers_done.set()
-
-    threads = [threading.Thread(target=guarded, args=(poller, n)) for n in range(POLLERS)]
-    writers = [threading.Thread(target=guarded, args=(writer, n)) for n in range(WRITERS)]
-    started = time.monotonic()
-    for thread in threads + writers:
-        thread.start()
-    for thread in writers:
-        thread.join()
-    writing = time.monotonic() - started
-    writers_done.set()
-    for thread in threads:
-        thread.join()
-    assert not errors, errors
+    writing = run_clients(writer, WRITERS, poller, POLLERS)
 
     founder = Api(server, users[0][0])
     log = read_log(founder)
@@ -138,13 +112,9 @@ def test_load_through_gunicorn_loses_duplicates_and_reorders_nothing(world):
     assert [action["syncId"] for action in log] == list(range(1, head + 1))  # contiguous: nothing lost twice or skipped
     assert set(statuses) <= {200, 503}, sorted(set(statuses))
 
-    for last_sync_id, changes in acknowledged:  # each acknowledged transaction is in the log, whole
-        mine = log[last_sync_id - len(changes) : last_sync_id]
-        assert [(a["modelId"], a["action"]) for a in mine] == [
-            (c["modelId"], {"create": "insert"}.get(c["action"], c["action"])) for c in changes
-        ]
+    assert_acknowledged_in_log(log, acknowledged)
 
-    links = action_groups(database)
+    links = action_groups(str(database))
     for number, actions in enumerate(seen):
         token, groups = users[number % len(users)]
         allowed = {"all", *(f"group:{g}" for g in groups)}
@@ -167,11 +137,3 @@ def read_log(api: Api) -> list[dict]:
         cursor = page["lastSyncId"]
         if not page["hasMore"]:
             return log
-
-
-def action_groups(database) -> dict[int, set[str]]:
-    groups: dict[int, set[str]] = {}
-    with sqlite3.connect(database) as connection:
-        for sync_action_id, sync_group in connection.execute("SELECT sync_action_id, sync_group FROM sync_action_group"):
-            groups.setdefault(sync_action_id, set()).add(sync_group)
-    return groups
