@@ -422,7 +422,7 @@ def has_history(sync_groups: list[str]) -> bool:
 
 
 def check_references(model: SyncedModel, row: Any, reject) -> None:
-    for attribute, target in model.references():
+    for attribute, target in model.references:
         value = getattr(row, attribute)
         if db.session.get(target.table, value) is None:
             reject("unknown_reference", f"{model.wire_name(attribute)} {value!r} does not name an existing {target.name}.")
@@ -430,7 +430,7 @@ def check_references(model: SyncedModel, row: Any, reject) -> None:
 
 def check_not_referenced(model: SyncedModel, row: Any, reject) -> None:
     for other in SYNCED_MODELS.values():
-        for attribute, target in other.references():
+        for attribute, target in other.references:
             referring = select(other.table.id).where(getattr(other.table, attribute) == row.id).limit(1)
             # No count: some of those rows may be in groups the caller cannot see.
             if target is model and db.session.scalar(referring) is not None:

@@ -8,6 +8,7 @@ endpoints look models up in, so adding a model means adding one block here.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,8 +71,9 @@ class SyncedModel:
     def wire_name(self, attribute: str) -> str:
         return self.schema.fields[attribute].data_key or attribute
 
+    @functools.cached_property
     def references(self) -> list[tuple[str, SyncedModel]]:
-        """(attribute, referenced model) for each foreign key of the table."""
+        """(attribute, referenced model) for each foreign key of the table; read once, after every model is registered."""
         by_table = {m.table.__table__: m for m in SYNCED_MODELS.values()}
         return [
             (column.key, by_table[fk.column.table])
