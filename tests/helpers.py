@@ -117,10 +117,15 @@ def as_store(bootstrap: dict[str, list[dict]]) -> dict[str, dict[str, dict]]:
 
 
 def read_log(client, since: int = 0, limit: int = 5000) -> list[dict]:
-    """Every sync action after `since`, following pages."""
+    """Every sync action after `since` a test client may see, following pages."""
+    return read_log_with(lambda path: client.get(path).get_json(), since, limit)
+
+
+def read_log_with(fetch, since: int = 0, limit: int = 5000) -> list[dict]:
+    """The same over any transport: `fetch(path)` returns a /sync page."""
     actions: list[dict] = []
     while True:
-        page = client.get(f"/sync?since={since}&limit={limit}").get_json()
+        page = fetch(f"/sync?since={since}&limit={limit}")
         actions += page["sync"]
         since = page["lastSyncId"]
         if not page["hasMore"]:
@@ -150,6 +155,19 @@ def assert_acknowledged_in_log(log: list[dict], acknowledged) -> None:
         assert [(a["modelId"], a["action"]) for a in mine] == [
             (c["modelId"], {"create": "insert"}.get(c["action"], c["action"])) for c in changes
         ], f"transaction ending at {last_sync_id} is not in the log as acknowledged"
+
+
+def file_rows(database: str) -> dict[str, list[dict]]:
+    """Every synced row, read straight from the file, as the wire shows it."""
+    rows = {}
+    with sqlite3.connect(database) as connection:
+        for name, model in SYNCED_MODELS.items():
+            columns = model.table.__table__.columns
+            found = connection.execute(f"SELECT {', '.join(c.name for c in columns)} FROM {model.table.__tablename__}")
+            # SQLite stores a boolean as 0 or 1: give each value its column's Python type back.
+            typed = [{c.key: c.type.python_type(v) for c, v in zip(columns, values)} for values in found]
+            rows[name] = model.schema.dump(typed, many=True)
+    return rows
 
 
 def action_groups(database: str) -> dict[int, set[str]]:

@@ -17,7 +17,7 @@ import time
 import pytest
 
 from app import create_app
-from helpers import as_store, assert_acknowledged_in_log, create, group, mutate, replay, sign_in, todo, update
+from helpers import as_store, assert_acknowledged_in_log, create, file_rows, group, mutate, replay, sign_in, todo, update
 from models import db
 from servers import Api, Gunicorn, ServerDown
 
@@ -155,15 +155,7 @@ def check_database(database) -> list[dict]:
             if data is not None and data != "null":
                 entry["data"] = json.loads(data)
             log.append(entry)
-        rows = {
-            "Group": [{"id": i, "name": n} for i, n in connection.execute("SELECT id, name FROM groups")],
-            "Author": [{"id": i, "name": n} for i, n in connection.execute("SELECT id, name FROM authors")],
-            "Todo": [
-                {"id": i, "text": t, "authorId": a, "groupId": g, "isDone": bool(d), "likeCount": c}
-                for i, t, a, g, d, c in connection.execute("SELECT * FROM todos")
-            ],
-        }
         last = connection.execute("SELECT max(last_sync_id) FROM client_transaction").fetchone()[0] or 0
-    assert replay(log) == as_store(rows), "rows and actions disagree: a half-written transaction"
+    assert replay(log) == as_store(file_rows(str(database))), "rows and actions disagree: a half-written transaction"
     assert last <= len(ids), "a recorded transaction whose actions are missing"
     return log

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, rule
 
 from app import create_app
-from helpers import create, delete, group, mutate, set_member, sign_in, snapshot, todo, update
+from helpers import create, delete, file_rows, group, mutate, set_member, sign_in, snapshot, todo, update
 from models import db
 
 USERS = 3
@@ -79,20 +79,7 @@ class Database:
         return sorted({sync_id for sync_id, g in links if g in sync_groups})
 
     def rows(self, sync_groups: list[str]) -> dict[tuple[str, str], dict]:
-        rows = {}
-        for row_id, name in self.query("SELECT id, name FROM groups"):
-            rows["Group", row_id] = {"id": row_id, "name": name}
-        for row_id, name in self.query("SELECT id, name FROM authors"):
-            rows["Author", row_id] = {"id": row_id, "name": name}
-        for row_id, text, author, group_id, done, likes in self.query("SELECT * FROM todos"):
-            rows["Todo", row_id] = {
-                "id": row_id,
-                "text": text,
-                "authorId": author,
-                "groupId": group_id,
-                "isDone": bool(done),
-                "likeCount": likes,
-            }
+        rows = {(model, row["id"]): row for model, found in file_rows(self.path).items() for row in found}
         return {key: row for key, row in rows.items() if sync_group_of(key[0], row) in sync_groups}
 
 
