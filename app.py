@@ -7,7 +7,7 @@ Read top to bottom, this file follows the protocol:
   4. POST /mutate    (sendTransaction)  commit_changes writes rows + sync actions
   5. GET /bootstrap  (bootstrap)        rows and firstSyncId from one snapshot
   6. GET /sync       (deltaSync, poll)  the sync actions after a syncId
-  7. GET /openapi.json                  the API described from its marshmallow schemas
+  7. GET /openapi.json, GET /           the API described; the live demo page
   8. errors                             ApiError and the JSON error shape
   9. CLI                                init-db, seed, create-user, add-member, remove-member
 Tables, wire schemas and sync-group rules live in models.py.
@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import click
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
-from flask import Blueprint, Flask, current_app, g, request
+from flask import Blueprint, Flask, current_app, g, render_template, request
 from flask.cli import with_appcontext
 from marshmallow import Schema, ValidationError, fields, post_load, validate, validates_schema
 from sqlalchemy import delete, event, func, select, text
@@ -91,6 +91,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
     app.register_blueprint(api)
     app.add_url_rule("/openapi.json", view_func=openapi_document)  # not on `api`: it needs no token
+    app.add_url_rule("/", view_func=demo_page)
     app.after_request(allow_cross_origin)
     app.register_error_handler(ApiError, error_response)
     app.register_error_handler(HTTPException, http_error)
@@ -570,7 +571,7 @@ def sync():
     }
 
 
-# --- 7. OpenAPI -------------------------------------------------------------
+# --- 7. OpenAPI and the demo page -------------------------------------------
 # GET /openapi.json is built by apispec from the marshmallow schemas that
 # validate requests, so it cannot drift from what the endpoints enforce.
 # tests/test_fuzz.py generates requests from it. It needs no token.
@@ -749,6 +750,11 @@ def openapi_document() -> dict[str, Any]:
     return spec.to_dict()
 
 
+def demo_page():
+    """Two clients side by side, built on static/loco-network.js; the tokens come from the URL fragment."""
+    return render_template("demo.html")
+
+
 # --- 8. Errors --------------------------------------------------------------
 
 
@@ -889,10 +895,8 @@ SEED_CHANGES = [
 ]
 
 
-@click.command("seed")
-@with_appcontext
-def seed_command():
-    """Load demo users and rows, the rows through the same path as /mutate."""
+def seed_demo() -> tuple[dict[str, str], int]:
+    """Create the demo users Ada and Grace and the demo rows; return their tokens."""
     if db.session.scalar(select(func.count()).select_from(User)):
         raise click.ClickException("The database already has users; run `flask --app app init-db` to start over.")
     changes = load(MutateSchema(), {"changes": SEED_CHANGES})["changes"]
@@ -901,13 +905,27 @@ def seed_command():
         (ada, ada_token), (grace, grace_token) = new_user("Ada"), new_user("Grace")
         last_sync_id = apply_transaction(changes, ada, None, "")  # Ada creates g1 and g2, so joins both
         join(grace, "group:g1")
-        return ada_token, grace_token, last_sync_id
+        return {"Ada": ada_token, "Grace": grace_token}, last_sync_id
 
-    ada_token, grace_token, last_sync_id = in_write_transaction(seed)
+    return in_write_transaction(seed)
+
+
+@click.command("seed")
+@click.option("--url", default="http://127.0.0.1:5000", show_default=True, help="Where the server runs, for the demo link.")
+@with_appcontext
+def seed_command(url: str):
+    """Load demo users and rows, the rows through the same path as /mutate."""
+    tokens, last_sync_id = seed_demo()
     click.echo(f"Seeded {len(SEED_CHANGES)} rows; lastSyncId is {last_sync_id}.")
     click.echo("Demo users (send the token as Authorization: Bearer <token>):")
-    click.echo(f"  Ada    all, group:g1, group:g2   {ada_token}")
-    click.echo(f"  Grace  all, group:g1             {grace_token}")
+    click.echo(f"  Ada    all, group:g1, group:g2   {tokens['Ada']}")
+    click.echo(f"  Grace  all, group:g1             {tokens['Grace']}")
+    # The tokens ride in the fragment, which the browser never sends to a server.
+    click.echo(f"Live demo, signed in as both: {url.rstrip('/')}/{demo_fragment(tokens)}")
+
+
+def demo_fragment(tokens: dict[str, str]) -> str:
+    return "#" + "&".join(f"{name}={token}" for name, token in tokens.items())
 
 
 @click.command("create-user")

@@ -25,6 +25,14 @@ def test_seed_loads_demo_users_in_different_groups(app, runner):
     assert with_token(app, tokens["Grace"]).get("/sync").get_json()["syncGroups"] == ["all", "group:g1"]
 
 
+def test_seed_prints_a_demo_link_that_carries_both_tokens_in_the_fragment(runner):
+    result = runner.invoke(args=["seed", "--url", "http://localhost:8000/"])
+    tokens = {line.split()[0]: line.split()[-1] for line in result.output.splitlines() if line.startswith("  ")}
+
+    link = result.output.splitlines()[-1].split()[-1]
+    assert link == f"http://localhost:8000/#Ada={tokens['Ada']}&Grace={tokens['Grace']}"
+
+
 def test_seed_loads_rows_with_their_sync_actions(app, runner):
     ada = with_token(app, seed(runner)["Ada"])
 
