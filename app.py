@@ -23,6 +23,7 @@ import os
 import re
 import secrets
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ T = TypeVar("T")
 MAX_CHANGES = 1000
 DEFAULT_LIMIT = 1000
 MAX_LIMIT = 5000
+MAX_WAIT_S = 30
 
 
 # --- 1. Configuration -------------------------------------------------------
@@ -75,6 +77,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         BUSY_RETRIES=3,  # further attempts, with backoff, before answering 503
         BUSY_BACKOFF_S=0.05,
         CORS_ORIGIN="*",  # which browser origins may call the API
+        MAX_HOLD_S=MAX_WAIT_S,  # the longest a poll is held, whatever its wait=
+        LOG_CHECK_INTERVAL_S=0.002,  # how often a process looks for other processes' commits while polls are held
     )
     if test_config is None:
         app.config.from_pyfile("config.py", silent=True)
@@ -86,6 +90,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     db.init_app(app)
     with app.app_context():
         configure_sqlite(db.engine, app.config["SQLITE_BUSY_TIMEOUT_MS"])
+        app.extensions["log_watcher"] = LogWatcher(db.engine.url.database, app.config["LOG_CHECK_INTERVAL_S"])
         # Under the write lock, with busy retries, so server processes starting together do not race.
         in_write_transaction(lambda: db.metadata.create_all(db.session.connection()))
 
@@ -287,7 +292,9 @@ def commit_changes(changes: list[Change], user_id: int, transaction_id: str | No
     holds SQLite's write lock from BEGIN to COMMIT, so transactions commit in
     syncId order and a poller can never see syncId n+1 before n.
     """
-    return in_write_transaction(lambda: apply_transaction(changes, user_id, transaction_id, changes_sha256))
+    last_sync_id = in_write_transaction(lambda: apply_transaction(changes, user_id, transaction_id, changes_sha256))
+    log_watcher().advance(last_sync_id)  # wake this process's held polls now, not at the next check
+    return last_sync_id
 
 
 def in_write_transaction(work: Callable[[], T]) -> T:
@@ -519,32 +526,40 @@ class SyncId(fields.Field):
         return int(value)
 
 
+class WaitSeconds(fields.Field):
+    """Seconds in a query string: "25" or "0.5", from 0 to MAX_WAIT_S."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not isinstance(value, str) or not re.fullmatch(r"[0-9]{1,2}(\.[0-9]{1,3})?", value) or float(value) > MAX_WAIT_S:
+            raise ValidationError(f"Must be a number of seconds from 0 to {MAX_WAIT_S}, like 25 or 0.5.")
+        return float(value)
+
+
 class SyncQuerySchema(Schema):
     since = SyncId()
     until = SyncId()
     limit = SyncId(validate=validate.Range(1, MAX_LIMIT, error="Must be between {min} and {max}."))
+    wait = WaitSeconds()
 
     @validates_schema
     def until_follows_since(self, query, **_):
-        for needs_since in ("until", "limit"):
+        for needs_since in ("until", "limit", "wait"):
             if needs_since in query and "since" not in query:
                 raise ValidationError(f"{needs_since} needs since.", needs_since)
         if "until" in query and query["until"] < query["since"]:
             raise ValidationError(f"until ({query['until']}) must not be less than since ({query['since']}).", "until")
+        if "until" in query and "wait" in query:
+            raise ValidationError("wait is for polls up to the newest action; it cannot go with until.", "wait")
 
 
 @api.get("/sync")
 def sync():
     query = load(SyncQuerySchema(), query_args())
-    # One read transaction: the head and the actions come from one snapshot,
-    # so the cursor never moves past an action this response did not carry.
-    head = read_head()
-    sync_groups = caller_sync_groups(g.user_id)
     if "since" not in query:  # the handshake
-        return {"sync": [], "lastSyncId": head, "syncGroups": sync_groups, "hasMore": False}
+        return {"sync": [], "lastSyncId": read_head(), "syncGroups": caller_sync_groups(g.user_id), "hasMore": False}
 
     since, limit = query["since"], query.get("limit", DEFAULT_LIMIT)
-    log_start = read_log_start()
+    log_start, head = read_log_start(), read_head()
     if not log_start <= since <= head:
         raise ApiError(
             409,
@@ -552,7 +567,21 @@ def sync():
             f"since={since} is not a cursor of this database, whose log runs from {log_start} to {head}: "
             "the database was reset after this client synced. Bootstrap again.",
         )
-    until = min(query.get("until", head), head)
+    # A long poll (wait=) holds an empty answer until an action the caller
+    # may see arrives, or the wait ends; then it answers the page as usual.
+    deadline = time.monotonic() + min(query.get("wait", 0), current_app.config["MAX_HOLD_S"])
+    page = read_page(since, query.get("until"), limit)
+    while "wait" in query and not page["sync"] and not page["hasMore"] and log_watcher().wait_past(page["lastSyncId"], deadline):
+        page = read_page(page["lastSyncId"], None, limit)
+    return page
+
+
+def read_page(since: int, until: int | None, limit: int) -> dict[str, Any]:
+    # One read transaction: the head and the actions come from one snapshot,
+    # so the cursor never moves past an action this response did not carry.
+    head = read_head()
+    sync_groups = caller_sync_groups(g.user_id)
+    until = head if until is None else min(until, head)
     # A page scans `limit` syncIds and returns those the caller may see. The
     # cursor moves past the ones it may not, so a long run of them can never
     # make a request slow or stall a client.
@@ -563,12 +592,86 @@ def sync():
         SyncActionGroup.sync_action_id <= cursor,
     )
     actions = db.session.scalars(select(SyncAction).where(SyncAction.id.in_(visible)).order_by(SyncAction.id))
-    return {
+    page = {
         "sync": [action.to_wire() for action in actions],
         "lastSyncId": cursor,
         "syncGroups": sync_groups,
         "hasMore": cursor < until,
     }
+    db.session.close()  # end the snapshot: a held poll must not pin the WAL or a connection
+    return page
+
+
+def log_watcher() -> LogWatcher:
+    return current_app.extensions["log_watcher"]
+
+
+class LogWatcher:
+    """Tells held polls that the log grew, whichever process wrote to it.
+
+    A commit in this process calls `advance` at once. Commits of other
+    processes are seen by one thread per process, which asks SQLite's
+    `PRAGMA data_version` (a counter that changes when another connection
+    commits) every `interval_s`, and only while some poll is held; it
+    sleeps otherwise. `close` releases every held poll, for a quick shutdown.
+    """
+
+    def __init__(self, database: str | None, interval_s: float):
+        self.database, self.interval_s = database, interval_s
+        self.changed = threading.Condition()
+        self.head = 0
+        self.waiting = 0
+        self.closed = False
+        self.thread: threading.Thread | None = None
+
+    def wait_past(self, since: int, deadline: float) -> bool:
+        """Wait until the head is past `since` (True), or the deadline or close comes first (False)."""
+        with self.changed:
+            if self.head > since:
+                return True
+            self.waiting += 1
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self.watch, name="log-watcher", daemon=True)
+                self.thread.start()
+            self.changed.notify_all()  # wake the watcher if it was idle
+            try:
+                while self.head <= since and not self.closed:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return False
+                    self.changed.wait(remaining)
+                return self.head > since and not self.closed
+            finally:
+                self.waiting -= 1
+
+    def advance(self, head: int) -> None:
+        with self.changed:
+            if head > self.head:
+                self.head = head
+                self.changed.notify_all()
+
+    def close(self) -> None:
+        with self.changed:
+            self.closed = True
+            self.changed.notify_all()
+
+    def watch(self) -> None:
+        connection = sqlite3.connect(self.database, isolation_level=None)
+        try:
+            version = None
+            while True:
+                with self.changed:
+                    while not self.waiting and not self.closed:
+                        self.changed.wait()
+                    if self.closed:
+                        return
+                new_version = connection.execute("PRAGMA data_version").fetchone()[0]
+                if new_version != version:
+                    version = new_version
+                    self.advance(connection.execute("SELECT coalesce(max(id), 0) FROM sync_action").fetchone()[0])
+                time.sleep(self.interval_s)
+        finally:
+            connection.close()
 
 
 # --- 7. OpenAPI and the demo page -------------------------------------------
@@ -712,13 +815,15 @@ def api_operations() -> dict[str, Any]:
     }
 
 
-# SyncId and CommaList parse query strings; the document says what the strings may hold.
+# SyncId, WaitSeconds and CommaList parse query strings; the document says what the strings may hold.
 COMMA_LIST_ITEMS = {known_model: "|".join(map(re.escape, SYNCED_MODELS)), well_formed_sync_group: SYNC_GROUP.pattern}
 
 
 def query_field_properties(converter, field: fields.Field, ret: dict, **_) -> dict:
     if isinstance(field, SyncId):
         return {"minimum": ret.get("minimum", 0), "maximum": ret.get("maximum", INT64[1])}
+    if isinstance(field, WaitSeconds):
+        return {"pattern": r"^(?:[12]?[0-9](?:\.[0-9]{1,3})?|30(?:\.0{1,3})?)$"}
     if isinstance(field, CommaList):
         items = "(?:{0})(?:,(?:{0}))*".format(COMMA_LIST_ITEMS[field.item])
         return {"pattern": f"^(?:{items})?$" if field.allow_empty else f"^{items}$"}
@@ -738,6 +843,7 @@ def openapi_document() -> dict[str, Any]:
     )
     plugin.map_to_openapi_type(SyncId, "integer", "int64")
     plugin.map_to_openapi_type(CommaList, "string", None)
+    plugin.map_to_openapi_type(WaitSeconds, "string", None)
     plugin.converter.add_attribute_function(query_field_properties)
     spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer", "description": "<userId>.<secret>"})
     for name, model in SYNCED_MODELS.items():  # rows are named as the client names their models

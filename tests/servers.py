@@ -21,8 +21,8 @@ WORKERS, THREADS = 2, 8
 class Gunicorn:
     """`gunicorn --workers 2 --threads 8 'app:create_app()'` on a free port, on one database."""
 
-    def __init__(self, database_url: str, log_path: Path):
-        self.database_url, self.log_path = database_url, log_path
+    def __init__(self, database_url: str, log_path: Path, workers: int = WORKERS):
+        self.database_url, self.log_path, self.workers = database_url, log_path, workers
         self.process: subprocess.Popen | None = None
         self.url = ""
 
@@ -30,7 +30,7 @@ class Gunicorn:
         log = open(self.log_path, "ab")
         start = self.log_path.stat().st_size
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "--workers", str(WORKERS), "--threads", str(THREADS),
+            [sys.executable, "-m", "gunicorn", "--workers", str(self.workers), "--threads", str(THREADS),
              "--bind", "127.0.0.1:0", "--graceful-timeout", "5", "app:create_app()"],
             cwd=ROOT,
             env={**os.environ, "DATABASE_URL": self.database_url},
@@ -43,7 +43,7 @@ class Gunicorn:
         while time.monotonic() < deadline:
             text = self.log_path.read_bytes()[start:].decode(errors="replace")
             listening = re.search(r"Listening at: http://127\.0\.0\.1:(\d+)", text)
-            if listening and text.count("Booting worker") >= WORKERS:
+            if listening and text.count("Booting worker") >= self.workers:
                 self.url = f"http://127.0.0.1:{listening[1]}"
                 if self.answers():
                     return

@@ -28,6 +28,7 @@ import re
 from urllib.parse import quote
 from urllib.request import urlopen
 
+import pytest
 import schemathesis
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
@@ -44,6 +45,12 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 MIB = 1024 * 1024
+
+
+@pytest.fixture
+def app(app):
+    app.config["MAX_HOLD_S"] = 0.01  # fuzzed long polls answer at once
+    return app
 
 
 # --- The invariants -----------------------------------------------------------
@@ -314,6 +321,7 @@ QUERIES = {
         "since": st.integers(0, 12).map(str),
         "until": st.integers(0, 12).map(str),
         "limit": st.integers(0, 6).map(str),
+        "wait": st.sampled_from(["0", "0.001", "30", "30.5", "31"]),
     },
     "/bootstrap": {
         "type": st.sampled_from(["eager", "lazy"]),

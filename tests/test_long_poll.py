@@ -1,0 +1,197 @@
+"""Long polls: GET /sync?since=N&wait=S holds an empty answer until an action
+the caller may see arrives, or S seconds pass. Held polls are woken by
+writers of any process, cost no CPU while they wait, and do not delay a
+shutdown. (How fast they wake is measured by bench/, not asserted here.)"""
+
+import os
+import signal
+import sqlite3
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from app import create_app
+from helpers import assert_error, database_path, group, mutate, sign_in, todo
+from models import db
+from servers import Api, Gunicorn
+
+
+def poll_in_background(url: str, token: str, query: str) -> dict:
+    """Send a poll from another thread; the dict fills in with its answer and how long it took."""
+    result = {}
+
+    def run():
+        started = time.monotonic()
+        api = Api(SimpleNamespace(url=url), token)
+        result["status"], _, result["body"] = api.request("GET", f"/sync?{query}")
+        result["seconds"] = time.monotonic() - started
+        api.close()
+
+    result["thread"] = threading.Thread(target=run, daemon=True)
+    result["thread"].start()
+    return result
+
+
+def finished(poll: dict, timeout: float) -> dict:
+    poll["thread"].join(timeout)
+    assert not poll["thread"].is_alive(), "the poll is still held"
+    return poll
+
+
+def head(client) -> int:
+    return client.get("/sync").get_json()["lastSyncId"]
+
+
+def test_a_poll_with_nothing_new_is_held_until_an_action_arrives(seeded, base_url):
+    since = head(seeded)
+    poll = poll_in_background(base_url, seeded.token, f"since={since}&wait=20")
+    time.sleep(0.3)
+    assert poll["thread"].is_alive()
+
+    last_sync_id = mutate(seeded, todo("t2", "g1"))["lastSyncId"]
+
+    finished(poll, 10)
+    assert poll["status"] == 200
+    assert [a["syncId"] for a in poll["body"]["sync"]] == [last_sync_id]
+    assert poll["body"]["lastSyncId"] == last_sync_id and poll["body"]["hasMore"] is False
+    assert 0.3 <= poll["seconds"] < 10
+
+
+def test_a_poll_with_something_to_read_is_answered_at_once(seeded):
+    started = time.monotonic()
+    body = seeded.get("/sync?since=0&wait=20").get_json()
+
+    assert len(body["sync"]) == 5 and body["lastSyncId"] == 5
+    assert time.monotonic() - started < 10
+
+
+def test_a_poll_that_nothing_reaches_ends_with_an_empty_page_when_its_wait_ends(seeded):
+    started = time.monotonic()
+    body = seeded.get("/sync?since=5&wait=0.5").get_json()
+
+    assert time.monotonic() - started >= 0.5
+    assert body == {"sync": [], "lastSyncId": 5, "syncGroups": ["all", "group:g1", "group:g2"], "hasMore": False}
+
+
+def test_actions_the_caller_cannot_see_do_not_end_its_wait_but_its_cursor_moves_past_them(app, seeded, base_url):
+    grace = sign_in(app, "Grace", "group:g1")
+    poll = poll_in_background(base_url, grace.token, "since=5&wait=1")
+    time.sleep(0.2)
+
+    hidden = mutate(seeded, todo("t2", "g2"))["lastSyncId"]  # only in group:g2
+
+    finished(poll, 10)
+    assert poll["body"]["sync"] == [] and poll["body"]["lastSyncId"] == hidden
+    assert poll["seconds"] >= 1
+
+
+def test_a_held_poll_holds_no_snapshot_so_the_log_can_be_checkpointed(seeded, app, base_url):
+    poll = poll_in_background(base_url, seeded.token, f"since={head(seeded)}&wait=3")
+    time.sleep(0.3)
+
+    # A read transaction left open would keep part of the WAL: busy would be 1.
+    with sqlite3.connect(database_path(app)) as connection:
+        busy, _, _ = connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    assert busy == 0 and poll["thread"].is_alive()
+    finished(poll, 10)
+
+
+def test_a_poll_without_wait_is_never_held(seeded):
+    started = time.monotonic()
+    assert seeded.get("/sync?since=5").get_json()["sync"] == []
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize(
+    "query, field",
+    [("wait=5", "wait"), ("since=5&wait=31", "wait"), ("since=5&wait=-1", "wait"), ("since=5&wait=1e1", "wait"),
+     ("since=5&wait=abc", "wait"), ("since=5&wait=", "wait"), ("since=1&until=5&wait=5", "wait")],
+)
+def test_wait_is_a_number_of_seconds_up_to_30_and_only_for_polls_to_the_head(seeded, query, field):
+    error = assert_error(seeded.get(f"/sync?{query}"), 400, "invalid_request")
+    assert field in error["details"]
+
+
+# --- Across processes, under gunicorn -------------------------------------------
+
+
+@pytest.fixture
+def two_servers(tmp_path):
+    """Two gunicorn servers with one worker each, on one SQLite file: a writer of one, a poller of the other."""
+    url = f"sqlite:///{tmp_path / 'loco.sqlite3'}"
+    app = create_app({"SQLALCHEMY_DATABASE_URI": url})
+    ada = sign_in(app, "Ada")
+    mutate(ada, group("g1"))
+    mutate(ada, {"action": "create", "modelName": "Author", "modelId": "a1", "data": {"id": "a1", "name": "Ada"}})
+    with app.app_context():
+        db.engine.dispose()
+    servers = [Gunicorn(url, tmp_path / f"gunicorn-{n}.log", workers=1) for n in (1, 2)]
+    for server in servers:
+        server.start()
+    yield servers, ada.token
+    for server in servers:
+        server.stop()
+
+
+def test_a_writer_in_another_process_wakes_a_held_poll(two_servers):
+    (poller_server, writer_server), token = two_servers
+    writer = Api(writer_server, token)
+    since = writer.request("GET", "/sync")[2]["lastSyncId"]
+    poll = poll_in_background(poller_server.url, token, f"since={since}&wait=25")
+    time.sleep(0.5)
+    assert poll["thread"].is_alive()
+
+    status, _, answer = writer.request("POST", "/mutate", {"changes": [todo("t1", "g1")]})
+
+    assert status == 200
+    finished(poll, 15)  # well within the wait: woken, not timed out
+    assert [a["syncId"] for a in poll["body"]["sync"]] == [answer["lastSyncId"]]
+
+
+def test_held_polls_do_not_burn_cpu_while_they_wait(two_servers):
+    (server, _), token = two_servers
+    since = Api(server, token).request("GET", "/sync")[2]["lastSyncId"]
+    worker = worker_pid(server)
+    polls = [poll_in_background(server.url, token, f"since={since}&wait=3") for _ in range(6)]
+    time.sleep(0.5)
+
+    before, started = cpu_seconds(worker), time.monotonic()
+    time.sleep(2)
+    used, elapsed = cpu_seconds(worker) - before, time.monotonic() - started
+
+    for poll in polls:
+        finished(poll, 10)
+    # A loop that spins while polls are held would use about `elapsed` seconds of CPU.
+    assert used < 0.25 * elapsed, f"the worker used {used:.2f} s of CPU in {elapsed:.2f} s"
+
+
+def test_a_shutting_down_server_answers_its_held_polls_at_once(two_servers):
+    (server, _), token = two_servers
+    since = Api(server, token).request("GET", "/sync")[2]["lastSyncId"]
+    polls = [poll_in_background(server.url, token, f"since={since}&wait=30") for _ in range(4)]
+    time.sleep(0.5)
+
+    started = time.monotonic()
+    os.killpg(server.process.pid, signal.SIGTERM)
+    server.process.wait(timeout=20)
+
+    assert time.monotonic() - started < 10, "shutdown waited for the held polls"
+    for poll in polls:
+        finished(poll, 5)
+        assert poll["status"] == 200 and poll["body"]["sync"] == [] and poll["body"]["lastSyncId"] == since
+
+
+def worker_pid(server: Gunicorn) -> int:
+    pid = server.process.pid
+    with open(f"/proc/{pid}/task/{pid}/children") as listing:
+        children = listing.read().split()
+    assert len(children) == 1, children
+    return int(children[0])
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
