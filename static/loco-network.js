@@ -229,7 +229,7 @@ export function createNetworkAdapter({
           }
         }
         if (stopped()) return;
-        if (true) {
+        if (connected) {
           connected = false;
           await deliver({ type: "disconnected" });
         }
