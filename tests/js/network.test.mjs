@@ -350,6 +350,59 @@ test("a 200 whose body is not JSON is a network error, so the mutation is retrie
   assert.equal(await headOf(), head + 1);
 });
 
+test("a 200 that is not this API's answer is a network error, so nothing is rolled back", async () => {
+  for (const body of [null, {}, { lastSyncId: "7" }, []]) {
+    const adapter = adapterFor("Ada", { fetch: async () => jsonResponse(200, body) });
+    assertFailure(await adapter.sendTransaction([todo(freshId("odd"), "g1")]), "network", { status: 200, code: "unexpected_response" });
+    assertFailure(await adapter.bootstrap({ type: "eager", models: ["Todo"] }), "network", { status: 200 });
+    assertFailure(await adapter.deltaSync(1, 3), "network", { status: 200 });
+  }
+});
+
+test("a malformed 200 answer to a poll is an outage, not the end of syncing", async (t) => {
+  let garble = false;
+  const grace = recorder();
+  listen(t, adapterFor("Grace", {
+    fetch: (url, init) => {
+      if (!garble || !new URL(url).searchParams.has("since")) return fetch(url, init);
+      garble = false;
+      return Promise.resolve(jsonResponse(200, null));
+    },
+  }), grace.listener);
+  await waitFor("Grace's handshake", () => grace.messages.length > 0);
+  garble = true;
+  await waitFor("the malformed answer", () => !garble);
+  // Actions before the new handshake reach a Loco Sync client by its deltaSync, not by `sync`.
+  await waitFor("a new handshake", () => grace.ofType("handshake").length === 2);
+  const syncId = await mutate("Ada", todo(freshId("after-garble"), "g1"));
+  await waitFor("a sync after the malformed answer", () => grace.actions().some((a) => a.syncId === syncId));
+  assert.deepEqual(grace.messages.map((m) => m.type).slice(0, 3), ["handshake", "disconnected", "handshake"]);
+});
+
+test("toChanges turns custom mutation args into changes, and a retry of the same args keeps its transactionId", async () => {
+  let loseNextAnswer = true;
+  const recording = recordingFetch(async (url, init) => {
+    const response = await fetch(url, init);
+    if (loseNextAnswer) {
+      loseNextAnswer = false;
+      await response.arrayBuffer();
+      throw new TypeError("fetch failed (the test dropped the answer)");
+    }
+    return response;
+  });
+  const toChanges = (args) => [todo(args.todoId, args.groupId)];
+  const adapter = adapterFor("Ada", { fetch: recording, toChanges });
+  const head = await headOf();
+  const args = { type: "CreateTodo", todoId: freshId("custom"), groupId: "g1" };
+
+  assertFailure(await adapter.sendTransaction(args), "network");
+  assert.deepEqual(await adapter.sendTransaction(args), { ok: true, value: { lastSyncId: head + 1 } });
+  const [first, second] = recording.requests.map((r) => r.body);
+  assert.deepEqual(first.changes, toChanges(args));
+  assert.equal(second.transactionId, first.transactionId);
+  assert.equal(await headOf(), head + 1);
+});
+
 test("no method ever rejects, even when fetch throws synchronously or the arguments are garbage", async () => {
   const throwing = createNetworkAdapter({
     baseUrl: server.baseUrl,
