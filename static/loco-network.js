@@ -44,7 +44,7 @@
 
 /**
  * @typedef {object} NetworkAdapter
- * @property {(changes: readonly LocalChange[]) => Promise<Result<{lastSyncId: number}>>} sendTransaction
+ * @property {(args: readonly LocalChange[] | any) => Promise<Result<{lastSyncId: number}>>} sendTransaction
  * @property {(args: BootstrapArgs) => Promise<Result<BootstrapValue>>} bootstrap
  * @property {(fromSyncId: number, toSyncId: number) => Promise<Result<{sync: SyncAction[]}>>} deltaSync
  * @property {(listener: SyncListener) => () => void} initSync
@@ -60,6 +60,9 @@
  * @property {number} [waitSeconds] How long a long poll may be held (default 25, at most 30).
  * @property {number} [pageLimit] `limit` per /sync page; the server's default when unset.
  * @property {number} [timeoutMs] Give up on a request after this long (default 30000).
+ * @property {(args: any) => readonly LocalChange[]} [toChanges] For a Loco Sync config with custom
+ *   mutations (`mutationDefs`): turns the mutation args the client sends into this server's changes.
+ *   By default the args are the changes.
  * @property {typeof fetch} [fetch] The fetch to use (tests wrap it).
  */
 
@@ -78,11 +81,12 @@ export function createNetworkAdapter({
   waitSeconds = 25,
   pageLimit,
   timeoutMs = 30_000,
+  toChanges = (args) => args,
   fetch: fetchImpl = (...args) => globalThis.fetch(...args),
 } = /** @type {NetworkOptions} */ ({})) {
-  // The transactionId of each transaction, keyed by the very array the client
-  // passes: the Loco Sync client retries a transaction with the same array, so
-  // a retry of a request whose answer was lost is recognised by the server.
+  // The transactionId of each transaction, keyed by the very args object the
+  // client passes: the Loco Sync client retries a transaction with the same
+  // object, so a retry of a request whose answer was lost is recognised by the server.
   /** @type {WeakMap<object, string>} */
   const transactionIds = new WeakMap();
   let serverHoldsPolls = longPoll;
@@ -90,10 +94,10 @@ export function createNetworkAdapter({
   /**
    * One request, its outcome as a Result. Never throws.
    * @param {string} path
-   * @param {{method?: string, body?: unknown, signal?: AbortSignal, extraMs?: number}} [init]
+   * @param {{method?: string, body?: unknown, signal?: AbortSignal, extraMs?: number, valid: (payload: any) => boolean}} init
    * @returns {Promise<Result<any>>}
    */
-  async function call(path, { method = "GET", body, signal, extraMs = 0 } = {}) {
+  async function call(path, { method = "GET", body, signal, extraMs = 0, valid }) {
     const headers = { Authorization: `Bearer ${token}` };
     if (body !== undefined) headers["Content-Type"] = "application/json";
     const deadline = withTimeout(signal, timeoutMs + extraMs);
@@ -120,7 +124,11 @@ export function createNetworkAdapter({
     } finally {
       deadline.clear();
     }
-    if (response.ok) return { ok: true, value: payload };
+    if (response.ok) {
+      // Not what this API answers (a proxy's page, say): retrying is safe, a rollback might not be.
+      if (!valid(payload)) return failure("network", response.status, "unexpected_response", "the answer does not have the expected shape");
+      return { ok: true, value: payload };
+    }
     const error = payload && typeof payload === "object" ? payload.error : undefined;
     const type = ERROR_TYPES.includes(error?.type) ? error.type : typeForStatus(response.status);
     return failure(type, response.status, error?.code ?? `http_${response.status}`, error?.message ?? response.statusText, error?.details);
@@ -132,18 +140,22 @@ export function createNetworkAdapter({
     if (until !== undefined) query.set("until", String(until));
     if (pageLimit !== undefined) query.set("limit", String(pageLimit));
     if (wait !== undefined) query.set("wait", String(wait));
-    return call(`/sync?${query}`, { signal, extraMs: (wait ?? 0) * 1000 });
+    return call(`/sync?${query}`, { signal, extraMs: (wait ?? 0) * 1000, valid: isPage });
   }
 
   /** @type {NetworkAdapter["sendTransaction"]} */
-  async function sendTransaction(changes) {
-    if (!Array.isArray(changes)) return failure("server", 0, "invalid_changes", "sendTransaction takes the array of changes");
-    let transactionId = transactionIds.get(changes);
+  async function sendTransaction(args) {
+    const changes = toChanges(args);
+    if (!Array.isArray(changes) || changes.length === 0) {
+      return failure("server", 0, "invalid_changes", "sendTransaction needs a non-empty array of changes (see the toChanges option)");
+    }
+    let transactionId = transactionIds.get(args);
     if (transactionId === undefined) {
       transactionId = newTransactionId();
-      transactionIds.set(changes, transactionId);
+      if (typeof args === "object" && args !== null) transactionIds.set(args, transactionId);
     }
-    const result = await call("/mutate", { method: "POST", body: { transactionId, changes: changes.map(toWireChange) } });
+    const body = { transactionId, changes: changes.map(toWireChange) };
+    const result = await call("/mutate", { method: "POST", body, valid: (p) => isSyncId(p?.lastSyncId) });
     return result.ok ? { ok: true, value: { lastSyncId: result.value.lastSyncId } } : result;
   }
 
@@ -151,7 +163,7 @@ export function createNetworkAdapter({
   async function bootstrap(args) {
     const query = new URLSearchParams({ type: args.type, models: args.models.join(",") });
     if (args.type === "lazy") query.set("syncGroups", args.syncGroups.join(","));
-    const result = await call(`/bootstrap?${query}`);
+    const result = await call(`/bootstrap?${query}`, { valid: isBootstrap });
     if (!result.ok) return result;
     const { bootstrap, firstSyncId, syncGroups } = result.value;
     return { ok: true, value: { bootstrap, firstSyncId, syncGroups } };
@@ -200,7 +212,7 @@ export function createNetworkAdapter({
         // Handshakes are rare on purpose: at start, after an outage and when
         // the sync groups change. Each one makes the client re-read the log
         // since its previous handshake.
-        const handshake = await call("/sync", { signal: stop.signal });
+        const handshake = await call("/sync", { signal: stop.signal, valid: isPage });
         if (stopped()) return;
         if (handshake.ok) {
           let { lastSyncId: cursor, syncGroups } = handshake.value;
@@ -229,7 +241,7 @@ export function createNetworkAdapter({
           }
         }
         if (stopped()) return;
-        if (true) {
+        if (connected) {
           connected = false;
           await deliver({ type: "disconnected" });
         }
@@ -319,6 +331,11 @@ function sleep(ms, signal) {
     }
   });
 }
+
+const isSyncId = (value) => Number.isSafeInteger(value) && value >= 0;
+const isObject = (value) => value !== null && typeof value === "object" && !Array.isArray(value);
+const isPage = (p) => isObject(p) && Array.isArray(p.sync) && isSyncId(p.lastSyncId) && Array.isArray(p.syncGroups) && typeof p.hasMore === "boolean";
+const isBootstrap = (p) => isObject(p) && isObject(p.bootstrap) && isSyncId(p.firstSyncId) && Array.isArray(p.syncGroups);
 
 function sameGroups(a, b) {
   return a.length === b.length && [...a].sort().join("\n") === [...b].sort().join("\n");
