@@ -570,18 +570,16 @@ def sync():
     # A long poll (wait=) holds an empty answer until an action the caller
     # may see arrives, or the wait ends; then it answers the page as usual.
     deadline = time.monotonic() + min(query.get("wait", 0), current_app.config["MAX_HOLD_S"])
-    page = read_page(since, query.get("until"), limit)
+    page = read_page(since, min(query.get("until", head), head), limit)
     while "wait" in query and not page["sync"] and not page["hasMore"] and log_watcher().wait_past(page["lastSyncId"], deadline):
-        page = read_page(page["lastSyncId"], None, limit)
+        page = read_page(page["lastSyncId"], read_head(), limit)
     return page
 
 
-def read_page(since: int, until: int | None, limit: int) -> dict[str, Any]:
-    # One read transaction: the head and the actions come from one snapshot,
-    # so the cursor never moves past an action this response did not carry.
-    head = read_head()
+def read_page(since: int, until: int, limit: int) -> dict[str, Any]:
+    """The caller's actions in (since, until], `until` at most the head of the
+    current snapshot: the cursor never moves past an action the page did not carry."""
     sync_groups = caller_sync_groups(g.user_id)
-    until = head if until is None else min(until, head)
     # A page scans `limit` syncIds and returns those the caller may see. The
     # cursor moves past the ones it may not, so a long run of them can never
     # make a request slow or stall a client.

@@ -39,7 +39,7 @@ function startClient(name, token) {
   const $ = (selector) => panel.querySelector(selector);
   $(".client-name").textContent = name;
 
-  const network = createNetworkAdapter({ token, pollMs: 500, longPoll: false });
+  const network = createNetworkAdapter({ token });  // long polls: actions arrive as soon as they commit
   /** @type {{id: string, draft: string} | undefined} */
   let editing;
 

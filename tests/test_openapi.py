@@ -114,7 +114,10 @@ def test_query_parameters_are_typed(document):
         return {p["name"]: (p["required"], p["schema"]) for p in found}
 
     sync = parameters("/sync")
-    assert set(sync) == {"since", "until", "limit"}
+    assert set(sync) == {"since", "until", "limit", "wait"}
+    required, wait = sync.pop("wait")
+    assert not required and wait["type"] == "string"
+    assert [bool(re.fullmatch(wait["pattern"], s)) for s in ("0", "0.5", "25", "30", "30.000", "31", "30.5", "1e1", "-1", "")] == [True] * 5 + [False] * 5
     for name, (required, schema) in sync.items():
         assert not required and schema["type"] == "integer" and schema["minimum"] >= 0, name
     assert (sync["limit"][1]["minimum"], sync["limit"][1]["maximum"]) == (1, 5000)

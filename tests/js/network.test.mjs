@@ -687,13 +687,30 @@ test("initSync reports disconnected once per outage, then handshakes again and r
   assert.deepEqual(grace.messages.map((m) => m.type), ["handshake", "disconnected", "handshake", "sync"]);
 });
 
-test("initSync falls back to plain polling when the server refuses wait=", async (t) => {
-  // Written against a server without long polls: it refuses the parameter.
+test("initSync long-polls: each poll asks the server to hold it, and an action ends the hold", async (t) => {
   const head = await headOf("Grace");
-  const probe = await api("Grace", `/sync?since=${head}&wait=1`);
-  assert.equal(probe.status, 400, "the server now holds polls: fake its refusal in this test's fetch");
-
   const recording = recordingFetch();
+  const grace = recorder();
+  listen(t, adapterFor("Grace", { longPoll: true, waitSeconds: 5, fetch: recording }), grace.listener);
+  await waitFor("the first poll", () => recording.polls().length >= 1);
+  await delay(1000);
+  // Plain polling every 50 ms would have made about 20 polls by now.
+  assert.equal(recording.polls().length, 1, "the poll was not held");
+
+  const syncId = await mutate("Ada", todo(freshId("held"), "g1"));
+  await waitFor("the held poll's answer", () => grace.ofType("sync").length > 0);
+  assert.deepEqual(grace.ofType("sync"), [{ type: "sync", lastSyncId: syncId, sync: await logSince("Grace", head) }]);
+  for (const poll of recording.polls()) assert.equal(poll.url.searchParams.get("wait"), "5");
+});
+
+test("initSync falls back to plain polling when the server refuses wait=", async (t) => {
+  // A server without long polls refuses the parameter it does not know.
+  const head = await headOf("Grace");
+  const recording = recordingFetch((url, init) =>
+    new URL(url).searchParams.has("wait")
+      ? Promise.resolve(jsonResponse(400, { error: { type: "server", code: "invalid_request", message: "wait: Unknown field.", details: { wait: ["Unknown field."] } } }))
+      : fetch(url, init),
+  );
   const grace = recorder();
   listen(t, adapterFor("Grace", { longPoll: true, waitSeconds: 5, fetch: recording }), grace.listener);
   await waitFor("three polls", () => recording.polls().length >= 3);
