@@ -23,7 +23,9 @@
  */
 
 /**
- * @typedef {{syncId: number, action: "insert" | "update" | "delete", modelName: string, modelId: string, data?: Record<string, unknown>}} SyncAction
+ * A sync action; `insert` and `update` carry the full row. modelName and data
+ * are `any` so that TypeScript accepts the adapter as a NetworkAdapter of your models.
+ * @typedef {{syncId: number, modelName: any, modelId: string} & ({action: "insert" | "update", data: any} | {action: "delete"})} SyncAction
  */
 
 /**
