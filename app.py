@@ -667,7 +667,8 @@ class LogWatcher:
                 if new_version != version:
                     version = new_version
                     self.advance(connection.execute("SELECT coalesce(max(id), 0) FROM sync_action").fetchone()[0])
-                time.sleep(self.interval_s)
+                with self.changed:
+                    self.changed.wait(self.interval_s)  # or less, on close
         finally:
             connection.close()
 

@@ -32,6 +32,7 @@ def main() -> None:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     print(json.dumps({"baseUrl": f"http://127.0.0.1:{server.port}", "tokens": tokens}), flush=True)
     sys.stdin.read()
+    app.extensions["log_watcher"].close()  # answer held long polls at once
     server.shutdown()
 
 

@@ -136,7 +136,14 @@ def test_a_busy_database_is_retried_with_backoff_before_giving_up(tmp_path, monk
     client = sign_in(app)
     waits = []
     sleep = app_module.time.sleep
-    monkeypatch.setattr(app_module.time, "sleep", lambda seconds: (waits.append(seconds), sleep(seconds)))
+    this_thread = threading.current_thread()
+
+    def recorded_sleep(seconds):
+        if threading.current_thread() is this_thread:
+            waits.append(seconds)
+        sleep(seconds)
+
+    monkeypatch.setattr(app_module.time, "sleep", recorded_sleep)
     other_writer = sqlite3.connect(database_path(app), isolation_level=None, check_same_thread=False)
     other_writer.execute("BEGIN IMMEDIATE")
     release = threading.Timer(0.3, other_writer.rollback)
