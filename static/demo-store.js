@@ -19,7 +19,8 @@
  * @typedef {{type: "change"}
  *   | {type: "bootstrap", firstSyncId: number, rows: number}
  *   | {type: "action", action: SyncAction}
- *   | {type: "rejected", changes: LocalChange[], reason: FailureReason}} StoreEvent
+ *   | {type: "rejected", changes: LocalChange[], reason: FailureReason}
+ *   | {type: "refused", reason: FailureReason}} StoreEvent
  */
 
 const RETRY_MS = 1000;
@@ -41,7 +42,7 @@ export class LocalStore {
     /** @type {PendingTransaction[]} */
     this.pending = [];
     this.online = true;
-    /** "starting" | "live" | "reconnecting" | "offline" */
+    /** "starting" | "live" | "reconnecting" | "offline" | "refused" */
     this.connection = "starting";
     this.sending = false;
     /** @type {(() => void) | undefined} */
@@ -51,14 +52,23 @@ export class LocalStore {
   }
 
   async start() {
-    while (!(await this.bootstrap())) await delay(RETRY_MS);
+    for (;;) {
+      const result = await this.bootstrap();
+      if (result.ok) break;
+      if (result.error === "auth") {
+        this.connection = "refused"; // a wrong token stays wrong: do not retry
+        this.onEvent({ type: "refused", reason: result.reason });
+        return;
+      }
+      await delay(RETRY_MS);
+    }
     this.connect();
   }
 
   /** Replace every row with a fresh eager bootstrap. */
   async bootstrap() {
     const result = await this.network.bootstrap({ type: "eager", models: this.models });
-    if (!result.ok) return false;
+    if (!result.ok) return result;
     const { bootstrap, firstSyncId, syncGroups } = result.value;
     for (const name of this.models) {
       this.confirmed.set(name, new Map((bootstrap[name] ?? []).map((row) => [row.id, row])));
@@ -69,7 +79,7 @@ export class LocalStore {
     const rows = this.models.reduce((sum, name) => sum + this.confirmed.get(name).size, 0);
     this.onEvent({ type: "bootstrap", firstSyncId, rows });
     this.onEvent({ type: "change" });
-    return true;
+    return result;
   }
 
   /** @param {boolean} online */
@@ -103,7 +113,7 @@ export class LocalStore {
     } else if (message.type === "handshake") {
       if (!sameGroups(message.syncGroups, this.syncGroups)) {
         // Our groups changed: a fresh bootstrap is the simplest correct answer.
-        while (!(await this.bootstrap())) if (!(await this.pause(generation))) return;
+        while (!(await this.bootstrap()).ok) if (!(await this.pause(generation))) return;
       }
       // Catch up to the handshake before any `sync` message: the adapter
       // waits for this promise, so nothing can slip in between.
@@ -114,7 +124,7 @@ export class LocalStore {
           this.apply(delta.value.sync, message.lastSyncId);
         } else if (delta.error === "server") {
           // The log no longer holds our cursor (the database was reset).
-          while (!(await this.bootstrap())) if (!(await this.pause(generation))) return;
+          while (!(await this.bootstrap()).ok) if (!(await this.pause(generation))) return;
         } else if (!(await this.pause(generation))) {
           return;
         }

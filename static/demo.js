@@ -50,6 +50,7 @@ function startClient(name, token) {
       if (event.type === "action") logAction(event.action);
       else if (event.type === "bootstrap") logLine(`bootstrap: ${event.rows} rows as of syncId ${event.firstSyncId}`);
       else if (event.type === "rejected") showRejection(event.changes, event.reason);
+      else if (event.type === "refused") showRefusal(event.reason);
       render();
     },
   });
@@ -80,10 +81,11 @@ function startClient(name, token) {
 
   function render() {
     const unsent = store.pending.length;
-    const state = { starting: "Starting…", live: "Live", reconnecting: "Reconnecting…", offline: "Offline" }[store.connection];
+    const state = { starting: "Starting…", live: "Live", reconnecting: "Reconnecting…", offline: "Offline", refused: "Signed out" }[store.connection];
     const unsentLabel = store.online ? `${unsent} unconfirmed` : `${unsent} queued`;
     $(".status").textContent = `${state} · cursor ${store.cursor} · ${unsentLabel}`;
     $(".status").dataset.connection = store.connection;
+    $("form.add").hidden = store.connection === "refused";
     $(".groups").textContent = `Sync groups: ${store.syncGroups.join(", ") || "none yet"}`;
     $(".cursor").textContent = `Cursor (lastSyncId applied): ${store.cursor}`;
     panel.dataset.cursor = String(store.cursor);
@@ -176,6 +178,18 @@ function startClient(name, token) {
     const list = $(".rejections");
     list.prepend(item);
     while (list.children.length > 5) list.lastElementChild.remove();
+  }
+
+  function showRefusal(reason) {
+    const again = el("a", { href: location.pathname }, ["sign in again"]);
+    $(".rejections").replaceChildren(
+      el("li", { className: "rejection" }, [
+        el("strong", {}, [`The server refused ${name}'s token: `]),
+        `${reason.status} ${reason.code}: ${reason.message} Open the link \`flask --app app seed\` prints, or `,
+        again,
+        ".",
+      ]),
+    );
   }
 
   render();

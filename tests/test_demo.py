@@ -38,26 +38,31 @@ def browser_or_skip():
 
 
 @pytest.fixture
-def demo(app, base_url):
-    """The demo page open in Chromium, signed in as Ada (left) and Grace (right)."""
+def browser_page():
+    """A Chromium page that records console errors and warnings, and uncaught page errors."""
     sync_playwright = browser_or_skip()
-    with app.app_context():
-        tokens, _ = seed_demo()
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
-        console_errors, page_errors = [], []
-        page.on("console", lambda message: message.type == "error" and console_errors.append(message.text))
-        page.on("pageerror", lambda error: page_errors.append(str(error)))
-        page.goto(f"{base_url}/{demo_fragment(tokens)}")
-        yield Demo(page, tokens, console_errors, page_errors)
+        page.console_lines, page.page_errors = [], []
+        page.on("console", lambda m: m.type in ("error", "warning") and page.console_lines.append(f"{m.type}: {m.text}"))
+        page.on("pageerror", lambda error: page.page_errors.append(str(error)))
+        yield page
         browser.close()
 
 
+@pytest.fixture
+def demo(app, base_url, browser_page):
+    """The demo page, signed in as Ada (left) and Grace (right)."""
+    with app.app_context():
+        tokens, _ = seed_demo()
+    browser_page.goto(f"{base_url}/{demo_fragment(tokens)}")
+    return Demo(browser_page, tokens)
+
+
 class Demo:
-    def __init__(self, page, tokens, console_errors, page_errors):
+    def __init__(self, page, tokens):
         self.page, self.tokens = page, tokens
-        self.console_errors, self.page_errors = console_errors, page_errors
         self.ada = page.locator("section[data-client=Ada]")
         self.grace = page.locator("section[data-client=Grace]")
 
@@ -158,6 +163,34 @@ def test_the_demo_page_shows_a_todos_life_in_both_clients_and_replays_offline_ch
 
     screenshot(page, "demo.png")
 
-    assert demo.page_errors == []
+    assert page.page_errors == []
     # The refused rename is a 409, which Chromium logs as a failed resource; nothing else may be logged.
-    assert demo.console_errors == ["Failed to load resource: the server responded with a status of 409 (CONFLICT)"]
+    assert page.console_lines == ["error: Failed to load resource: the server responded with a status of 409 (CONFLICT)"]
+
+
+def test_the_demo_asks_for_two_tokens_and_says_plainly_when_one_is_refused(app, base_url, browser_page):
+    from playwright.sync_api import expect
+
+    page = browser_page
+    with app.app_context():
+        tokens, _ = seed_demo()
+    page.goto(base_url)
+    form = page.locator("form#sign-in")
+    expect(form).to_be_visible()
+    for legend, name, token in [("Left client", "Ada", tokens["Ada"]), ("Right client", "Grace", "2.not-the-secret")]:
+        fieldset = form.locator("fieldset", has_text=legend)
+        fieldset.get_by_label("Name").fill(name)
+        fieldset.get_by_label("Token").fill(token)
+    form.get_by_role("button", name="Start both clients").click()
+
+    ada, grace = page.locator("section[data-client=Ada]"), page.locator("section[data-client=Grace]")
+    expect(ada.get_by_role("status")).to_contain_text("Live")
+    expect(grace.get_by_role("status")).to_contain_text("Signed out")
+    expect(grace.locator(".rejection")).to_contain_text("The server refused Grace's token: 401 unauthorized")
+    expect(form).to_be_hidden()
+    screenshot(page, "demo-refused.png")
+
+    grace.get_by_role("link", name="sign in again").click()
+    expect(form).to_be_visible()
+    assert page.page_errors == []
+    assert page.console_lines == ["error: Failed to load resource: the server responded with a status of 401 (UNAUTHORIZED)"]
