@@ -1,0 +1,385 @@
+"""The benchmark: every figure of the README's performance table, in one run.
+
+    python bench/run.py            # full sizes: about five minutes on two cores
+    python bench/run.py --smoke    # tiny sizes, to prove the script works (the tests run this)
+
+It starts its own servers on 127.0.0.1 under the configuration the README gives
+for production (gunicorn, 2 workers x 8 threads), drives every request-rate row
+with the same load generator (wrk, `apt-get install wrk`) at 16 connections,
+and prints a markdown table: each figure beside its ceiling, measured in the
+same run, and the ratio the issue's target is about.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import http.client
+import json
+import os
+import platform
+import re
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from app import apply_transaction, create_app, in_write_transaction, join, load, MutateSchema, new_user  # noqa: E402
+from models import db  # noqa: E402
+from servers import THREADS, WORKERS, Gunicorn  # noqa: E402
+
+CONNECTIONS = 16
+FULL = dict(seconds=10, history=(1_000, 1_000_000), todos=100_000, latency_samples=1_000, raw_transactions=5_000)
+SMOKE = dict(seconds=1, history=(1_000, 5_000), todos=2_000, latency_samples=30, raw_transactions=200)
+GROUPS = 100  # for the history rows: a user in all of them, and one in just group:g0
+
+
+# --- Databases ----------------------------------------------------------------
+
+
+def new_database(directory: Path, name: str) -> tuple[str, str, dict[str, str]]:
+    """A fresh database with Group g1..., Author a1 and users; returns its URL, path and tokens."""
+    path = directory / f"{name}.sqlite3"
+    url = f"sqlite:///{path}"
+    app = create_app({"SQLALCHEMY_DATABASE_URI": url})
+    changes = [{"action": "create", "modelName": "Author", "modelId": "a1", "data": {"id": "a1", "name": "Ada"}}]
+    changes += [{"action": "create", "modelName": "Group", "modelId": f"g{n}", "data": {"id": f"g{n}", "name": f"Group {n}"}} for n in range(GROUPS)]
+
+    def seed():
+        (everyone, everyone_token), (one, one_token) = new_user("in every group"), new_user("in group:g0 only")
+        apply_transaction(load(MutateSchema(), {"changes": changes})["changes"], everyone, None, "")  # joins every group
+        join(one, "group:g0")
+        return {"every": everyone_token, "one": one_token}
+
+    with app.app_context():
+        tokens = in_write_transaction(seed)
+        db.engine.dispose()
+    return url, str(path), tokens
+
+
+def add_history(path: str, actions: int) -> None:
+    """Append `actions` sync actions straight to the log: all but the last 1,000
+    spread over the 100 groups; of the last 1,000, every tenth in group:g0."""
+    connection = sqlite3.connect(path, isolation_level=None)
+    connection.execute("BEGIN IMMEDIATE")
+    (first,) = connection.execute("SELECT coalesce(max(id), 0) + 1 FROM sync_action").fetchone()
+    rows, links = [], []
+    for n in range(actions):
+        sync_id = first + n
+        if n < actions - 1000:
+            group = f"group:g{n % GROUPS}"
+        else:  # the last 1,000: a 100-action page for the user in group:g0 alone
+            group = "group:g0" if n % 10 == 0 else f"group:g{n % (GROUPS - 1) + 1}"
+        data = json.dumps({"id": f"h{n}", "text": "History", "authorId": "a1", "groupId": group[6:], "isDone": False, "likeCount": 0})
+        rows.append((sync_id, "insert", "Todo", f"h{n}", data))
+        links.append((group, sync_id))
+        if len(rows) == 50_000 or n == actions - 1:
+            connection.executemany("INSERT INTO sync_action (id, action, model_name, model_id, data) VALUES (?, ?, ?, ?, ?)", rows)
+            connection.executemany("INSERT INTO sync_action_group (sync_group, sync_action_id) VALUES (?, ?)", links)
+            rows, links = [], []
+    connection.execute("COMMIT")
+    connection.close()
+
+
+def add_todos(path: str, count: int) -> None:
+    connection = sqlite3.connect(path, isolation_level=None)
+    connection.execute("BEGIN IMMEDIATE")
+    connection.executemany(
+        "INSERT INTO todos (id, text, author_id, group_id, is_done, like_count) VALUES (?, ?, 'a1', 'g1', ?, ?)",
+        ((f"b{n}", f"Todo number {n}", n % 2, n % 7) for n in range(count)),
+    )
+    connection.execute("COMMIT")
+    connection.close()
+
+
+def head_of(path: str) -> int:
+    with sqlite3.connect(path) as connection:
+        return connection.execute("SELECT coalesce(max(id), 0) FROM sync_action").fetchone()[0]
+
+
+# --- Load and clients ---------------------------------------------------------
+
+
+@dataclass
+class Rate:
+    per_second: float
+    requests: int
+    failed: int
+
+
+def wrk(url: str, seconds: float, token: str | None = None, script: str | None = None, args: list[str] = ()) -> Rate:
+    command = ["wrk", "--threads", "2", "--connections", str(CONNECTIONS), "--duration", f"{seconds}s", "--timeout", "10s"]
+    if token:
+        command += ["--header", f"Authorization: Bearer {token}", "--header", "Content-Type: application/json"]
+    if script:
+        command += ["--script", str(ROOT / "bench" / script)]
+    output = subprocess.run([*command, url, *(["--", *args] if args else [])], capture_output=True, text=True, check=True).stdout
+    failed = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", output))
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
+    if errors:
+        failed += sum(map(int, errors.groups()))
+    requests = int(re.search(r"(\d+) requests in", output)[1])
+    return Rate(float(re.search(r"Requests/sec:\s+([\d.]+)", output)[1]), requests, failed)
+
+
+class Client:
+    """One keep-alive HTTP connection."""
+
+    def __init__(self, url: str, token: str = ""):
+        self.connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=60)
+        self.headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+
+    def request(self, method: str, path: str, body=None) -> tuple[int, bytes]:
+        self.connection.request(method, path, body=None if body is None else json.dumps(body), headers=self.headers)
+        response = self.connection.getresponse()
+        return response.status, response.read()
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def workers_of(server: Gunicorn) -> list[int]:
+    pid = server.process.pid
+    with open(f"/proc/{pid}/task/{pid}/children") as children:
+        return [int(child) for child in children.read().split()]
+
+
+def memory_kib(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", status.read(), re.M)[1])
+
+
+# --- The measurements -----------------------------------------------------------
+
+
+def raw_sqlite_transactions(directory: Path, count: int) -> float:
+    """One mutation's writes (the row, its sync action, its group link, the
+    transactionId), one transaction each, as the app configures SQLite."""
+    connection = sqlite3.connect(directory / "raw.sqlite3", isolation_level=None)
+    for pragma in ("journal_mode = WAL", "synchronous = FULL", "foreign_keys = ON"):
+        connection.execute(f"PRAGMA {pragma}")
+    connection.executescript(
+        """
+        CREATE TABLE todos (id TEXT PRIMARY KEY, text TEXT, author_id TEXT, group_id TEXT, is_done INT, like_count INT);
+        CREATE TABLE sync_action (id INTEGER PRIMARY KEY AUTOINCREMENT, action TEXT, model_name TEXT, model_id TEXT, data TEXT);
+        CREATE TABLE sync_action_group (sync_group TEXT, sync_action_id INT, PRIMARY KEY (sync_group, sync_action_id));
+        CREATE TABLE client_transaction (user_id INT, transaction_id TEXT, changes_sha256 TEXT, last_sync_id INT, PRIMARY KEY (user_id, transaction_id));
+        """
+    )
+    started = time.perf_counter()
+    for n in range(count):
+        row = {"id": f"t{n}", "text": "Benchmark", "authorId": "a1", "groupId": "g1", "isDone": False, "likeCount": 0}
+        connection.execute("BEGIN IMMEDIATE")
+        connection.execute("INSERT INTO todos VALUES (?, 'Benchmark', 'a1', 'g1', 0, 0)", (row["id"],))
+        sync_id = connection.execute("INSERT INTO sync_action (action, model_name, model_id, data) VALUES ('insert', 'Todo', ?, ?)", (row["id"], json.dumps(row))).lastrowid
+        connection.execute("INSERT INTO sync_action_group VALUES ('group:g1', ?)", (sync_id,))
+        connection.execute("INSERT INTO client_transaction VALUES (1, ?, '', ?)", (row["id"], sync_id))
+        connection.execute("COMMIT")
+    rate = count / (time.perf_counter() - started)
+    connection.close()
+    return rate
+
+
+def raw_bootstrap_rows(path: str) -> float:
+    """Read every Todo with sqlite3 and encode it as JSON, in one process: what a bootstrap cannot beat."""
+    connection = sqlite3.connect(path)
+    started = time.perf_counter()
+    rows = connection.execute("SELECT id, text, author_id, group_id, is_done, like_count FROM todos")
+    keys = ("id", "text", "authorId", "groupId", "isDone", "likeCount")
+    count = len(json.dumps([dict(zip(keys, (i, t, a, g, bool(d), n))) for i, t, a, g, d, n in rows]))
+    elapsed = time.perf_counter() - started
+    total = connection.execute("SELECT count(*) FROM todos").fetchone()[0]
+    connection.close()
+    assert count
+    return total / elapsed
+
+
+def round_trips(url: str, count: int) -> list[float]:
+    client = Client(url)
+    times = []
+    for _ in range(count):
+        started = time.perf_counter()
+        status, _ = client.request("GET", "/")
+        times.append(time.perf_counter() - started)
+        assert status == 200
+    return times
+
+
+def propagation(poll_url: str, write_url: str, token: str, samples: int) -> list[float]:
+    """Seconds from a mutation's 200 (read by the writer) to a long-polling
+    client holding its action; the poller and the writer use different servers."""
+    seen: dict[int, float] = {}
+    cursor = json.loads(Client(poll_url, token).request("GET", "/sync")[1])["lastSyncId"]
+    stop = threading.Event()
+
+    def poll():
+        nonlocal cursor
+        client = Client(poll_url, token)
+        while not stop.is_set():
+            status, body = client.request("GET", f"/sync?since={cursor}&wait=5")
+            arrived = time.perf_counter()
+            page = json.loads(body)
+            for action in page["sync"]:
+                seen[action["syncId"]] = arrived
+            cursor = page["lastSyncId"]
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    time.sleep(0.5)
+    writer, delays = Client(write_url, token), []
+    for n in range(samples):
+        body = {"changes": [{"action": "create", "modelName": "Todo", "modelId": f"lat{n}",
+                             "data": {"id": f"lat{n}", "text": "Latency", "authorId": "a1", "groupId": "g1", "isDone": False, "likeCount": 0}}]}
+        status, answer = writer.request("POST", "/mutate", body)
+        acknowledged = time.perf_counter()
+        assert status == 200, answer
+        sync_id = json.loads(answer)["lastSyncId"]
+        deadline = acknowledged + 10
+        while sync_id not in seen and time.perf_counter() < deadline:
+            time.sleep(0.0002)
+        assert sync_id in seen, f"action {sync_id} never reached the long poll"
+        delays.append(max(0.0, seen[sync_id] - acknowledged))  # a poll can beat the writer's own read of its 200
+        time.sleep(0.002)
+    stop.set()
+    return delays
+
+
+# --- The run ----------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds long: only proves the script works")
+    options = parser.parse_args()
+    size = SMOKE if options.smoke else FULL
+    if shutil.which("wrk") is None:
+        sys.exit("The benchmark needs wrk: apt-get install wrk")
+
+    directory = Path(tempfile.mkdtemp(prefix="loco-bench-"))
+    servers: list[Gunicorn] = []
+
+    def serve(url: str, name: str, app: str = "app:create_app()") -> Gunicorn:
+        server = Gunicorn(url, directory / f"{name}.log", app=app)
+        server.start()
+        servers.append(server)
+        return server
+
+    def progress(text: str) -> None:
+        print(f"... {text}", file=sys.stderr, flush=True)
+
+    rows: list[tuple[str, str, str, str, str, str]] = []
+    try:
+        progress("ceilings: the no-op endpoint and raw sqlite3")
+        noop = serve("sqlite://", "noop", app="bench.noop_app:app")
+        noop_rate = wrk(noop.url + "/", size["seconds"])
+        noop_trips = round_trips(noop.url, 1000 if not options.smoke else 50)
+        raw_rate = raw_sqlite_transactions(directory, size["raw_transactions"])
+        rows.append(("1a", "No-op JSON endpoint (ceiling)", f"{noop_rate.per_second:,.0f} req/s", "", "", ""))
+        rows.append(("1b", "Raw sqlite3: one mutation's writes per transaction (ceiling)", f"{raw_rate:,.0f} tx/s", "", "", ""))
+
+        progress("POST /mutate and GET /sync")
+        url, path, tokens = new_database(directory, "main")
+        app_server = serve(url, "main")
+        mutate = wrk(app_server.url + "/mutate", size["seconds"], tokens["every"], "mutate.lua", [f"run{os.getpid()}"])
+        ratio = mutate.per_second / noop_rate.per_second
+        rows.append(("2", f"POST /mutate, one-change create, {CONNECTIONS} clients", f"{mutate.per_second:,.0f} tx/s" + failures(mutate),
+                     "1a", f"{ratio:.2f} (of 1b: {mutate.per_second / raw_rate:.2f})", verdict(ratio >= 0.5, "≥ 0.5")))
+        head = head_of(path)
+        empty = wrk(f"{app_server.url}/sync?since={head}", size["seconds"], tokens["every"])
+        ratio = empty.per_second / noop_rate.per_second
+        rows.append(("3a", "GET /sync, nothing new", f"{empty.per_second:,.0f} req/s" + failures(empty), "1a", f"{ratio:.2f}", verdict(ratio >= 0.7, "≥ 0.7")))
+        page = wrk(f"{app_server.url}/sync?since={head - 100}", size["seconds"], tokens["every"])
+        ratio = page.per_second / noop_rate.per_second
+        rows.append(("3b", "GET /sync, a 100-action page", f"{page.per_second:,.0f} req/s" + failures(page), "1a", f"{ratio:.2f}", verdict(ratio >= 0.3, "≥ 0.3")))
+
+        progress("delta cost versus history")
+        rates = {}
+        for actions in size["history"]:
+            url, path, tokens = new_database(directory, f"history{actions}")
+            add_history(path, actions)
+            server = serve(url, f"history{actions}")
+            head = head_of(path)
+            rates[actions] = (
+                wrk(f"{server.url}/sync?since={head - 100}", size["seconds"], tokens["every"]),
+                wrk(f"{server.url}/sync?since={head - 1000}", size["seconds"], tokens["one"]),
+            )
+            server.stop()
+        small, large = size["history"]
+        for n, who in enumerate(["a user in all 100 groups", "a user in 1 of 100 groups"]):
+            cost = rates[small][n].per_second / rates[large][n].per_second  # time per request, large over small
+            rows.append((f"4{'ab'[n]}", f"GET /sync, a 100-action page, {who}: {large:,} vs {small:,} actions of history",
+                         f"{rates[large][n].per_second:,.0f} vs {rates[small][n].per_second:,.0f} req/s" + failures(rates[large][n], rates[small][n]),
+                         f"{small:,}-action log", f"cost × {cost:.2f}", verdict(cost <= 1.2, "≤ 1.2")))
+
+        progress("eager bootstrap")
+        url, path, tokens = new_database(directory, "bootstrap")
+        add_todos(path, size["todos"])
+        server = serve(url, "bootstrap")
+        before = {pid: memory_kib(pid, "VmRSS") for pid in workers_of(server)}
+        client, times = Client(server.url, tokens["every"]), []
+        for _ in range(3):
+            started = time.perf_counter()
+            status, body = client.request("GET", "/bootstrap?type=eager&models=Todo")
+            times.append(time.perf_counter() - started)
+            assert status == 200 and len(json.loads(body)["bootstrap"]["Todo"]) == size["todos"]
+        growth_mib = max(memory_kib(pid, "VmHWM") - before[pid] for pid in before) / 1024
+        rows_per_second = size["todos"] / statistics.median(times)
+        ceiling = raw_bootstrap_rows(path)
+        rows.append(("5a", f"Eager bootstrap of {size['todos']:,} Todos", f"{rows_per_second:,.0f} rows/s",
+                     f"sqlite3 + json: {ceiling:,.0f} rows/s", f"{rows_per_second / ceiling:.2f}", verdict(rows_per_second >= 100_000, "≥ 100,000 rows/s")))
+        rows.append(("5b", "… the server process's peak memory growth", f"{growth_mib:.0f} MiB", "", "", verdict(growth_mib <= 64, "≤ 64 MiB")))
+        server.stop()
+
+        progress("propagation latency")
+        url, path, tokens = new_database(directory, "latency")
+        poll_server, write_server = serve(url, "latency-poll"), serve(url, "latency-write")
+        delays = propagation(poll_server.url, write_server.url, tokens["every"], size["latency_samples"])
+        p50, p99 = percentile(delays, 50) * 1000, percentile(delays, 99) * 1000
+        trip50, trip99 = percentile(noop_trips, 50) * 1000, percentile(noop_trips, 99) * 1000
+        rows.append(("6", f"Mutation's 200 → long-polling client has the action (other process), {len(delays):,} mutations",
+                     f"p50 {p50:.1f} ms, p99 {p99:.1f} ms", f"no-op round trip: p50 {trip50:.1f} ms, p99 {trip99:.1f} ms", "",
+                     verdict(p50 <= 20 and p99 <= 100, "p50 ≤ 20 ms, p99 ≤ 100 ms")))
+    finally:
+        for server in servers:
+            server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+    print(table(rows, options.smoke))
+
+
+def failures(*rates: Rate) -> str:
+    failed = sum(rate.failed for rate in rates)
+    return f" ({failed:,} of {sum(rate.requests for rate in rates):,} failed)" if failed else ""
+
+
+def verdict(met: bool, target: str) -> str:
+    return f"{target}: {'met' if met else '**missed**'}"
+
+
+def table(rows, smoke: bool) -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+    lines = [
+        f"{'Smoke run (tiny sizes; the figures mean nothing)' if smoke else 'Benchmark'} of {datetime.date.today()} on "
+        f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}; "
+        f"gunicorn {WORKERS} workers × {THREADS} threads, wrk at {CONNECTIONS} connections.",
+        "",
+        "| | measurement | result | ceiling | ratio | target |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
