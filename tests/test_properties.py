@@ -108,6 +108,10 @@ class ReplayingClient:
         self.rows = {(model, row["id"]): row for model, found in body["bootstrap"].items() for row in found}
         self.cursor, self.sync_groups = body["firstSyncId"], body["syncGroups"]
         self.loaded_at: dict[str, int] = {}  # group -> firstSyncId of its lazy bootstrap
+        # row -> firstSyncId of the lazy bootstrap that returned it. Ids are the client's
+        # choice, so a row may be deleted in one group and created again in another: the
+        # old delete still arrives, in the old group, and must not touch the new row.
+        self.row_loaded_at: dict[tuple[str, str], int] = {}
 
     def poll(self, limit: int, until: int | None = None) -> bool:
         """One page; returns whether another follows."""
@@ -124,6 +128,8 @@ class ReplayingClient:
 
     def apply(self, action: dict) -> None:
         key, sync_id = (action["modelName"], action["modelId"]), action["syncId"]
+        if sync_id <= self.row_loaded_at.get(key, 0):
+            return  # the lazy bootstrap that returned this row already reflects it
         if action["action"] == "delete":
             if key in self.rows:
                 del self.rows[key]
@@ -150,6 +156,7 @@ class ReplayingClient:
             body = response.get_json()
             for model, found in body["bootstrap"].items():
                 self.rows.update({(model, row["id"]): row for row in found})
+                self.row_loaded_at.update({(model, row["id"]): body["firstSyncId"] for row in found})
             self.loaded_at.update(dict.fromkeys(joined, body["firstSyncId"]))
         self.sync_groups = sync_groups
 
