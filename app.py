@@ -25,7 +25,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -36,7 +36,7 @@ from flask import Blueprint, Flask, current_app, g, render_template, request
 from flask.cli import with_appcontext
 from marshmallow import Schema, ValidationError, fields, post_load, validate, validates_schema
 from sqlalchemy import delete, event, func, select, text
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
@@ -63,6 +63,7 @@ MAX_CHANGES = 1000
 DEFAULT_LIMIT = 1000
 MAX_LIMIT = 5000
 MAX_WAIT_S = 30
+BOOTSTRAP_CHUNK = 1000  # rows encoded and sent at a time
 
 
 # --- 1. Configuration -------------------------------------------------------
@@ -140,14 +141,15 @@ def configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
         connection.exec_driver_sql(f"BEGIN {mode}")
 
 
-def read_head() -> int:
+def read_head(connection: Connection | None = None) -> int:
     """The greatest syncId, as seen by the current transaction's snapshot."""
-    return db.session.scalar(select(func.max(SyncAction.id))) or read_log_start()
+    reader = connection or db.session
+    return reader.scalar(select(func.max(SyncAction.id))) or read_log_start(connection)
 
 
-def read_log_start() -> int:
+def read_log_start(connection: Connection | None = None) -> int:
     """The cursor this database's log starts from: 0, or above the log init-db wiped."""
-    return db.session.scalar(select(SyncLogStart.after_sync_id)) or 0
+    return (connection or db.session).scalar(select(SyncLogStart.after_sync_id)) or 0
 
 
 # --- 3. Who is calling -----------------------------------------------------
@@ -190,8 +192,8 @@ def sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def caller_sync_groups(user_id: int) -> list[str]:
-    joined = db.session.scalars(
+def caller_sync_groups(user_id: int, connection: Connection | None = None) -> list[str]:
+    joined = (connection or db.session).scalars(
         select(Membership.sync_group).where(Membership.user_id == user_id).order_by(Membership.sync_group)
     )
     return ["all", *joined]
@@ -495,23 +497,46 @@ class BootstrapQuerySchema(Schema):
 @api.get("/bootstrap")
 def bootstrap():
     query = load(BootstrapQuerySchema(), query_args())
-    # Everything below runs in this request's one read transaction, so the
-    # rows and firstSyncId come from the same snapshot (see configure_sqlite).
-    if query["type"] == "eager":
-        sync_groups = caller_sync_groups(g.user_id)
-    else:
-        sync_groups, allowed = query["sync_groups"], caller_sync_groups(g.user_id)
+    # The response is streamed a chunk of rows at a time, so a large bootstrap
+    # never sits in memory whole. It reads everything on a connection of its
+    # own, in one read transaction that lasts until the last chunk is sent:
+    # the rows and firstSyncId come from the same snapshot (see configure_sqlite).
+    connection = db.engine.connect()
+    try:
+        allowed = caller_sync_groups(g.user_id, connection)
+        sync_groups = allowed if query["type"] == "eager" else query["sync_groups"]
         lacking = [group for group in sync_groups if group not in allowed]
         if lacking:
             raise ApiError(403, "forbidden", f"You are not a member of {', '.join(lacking)}.", type="auth")
-    rows = {model.name: read_rows(model, sync_groups) for model in query["models"]}
-    return {"bootstrap": rows, "firstSyncId": read_head(), "syncGroups": sync_groups}
+        first_sync_id = read_head(connection)
+    except BaseException:
+        connection.close()
+        raise
+
+    def body() -> Iterator[str]:
+        try:
+            yield '{"bootstrap":{'
+            for n, model in enumerate(query["models"]):
+                yield ("," if n else "") + json.dumps(model.name) + ":["
+                separator = ""
+                for rows in read_rows(connection, model, sync_groups):
+                    yield separator + json.dumps(rows, separators=(",", ":"))[1:-1]
+                    separator = ","
+                yield "]"
+            yield f'}},"firstSyncId":{first_sync_id},"syncGroups":{json.dumps(sync_groups)}}}'
+        finally:
+            connection.close()
+
+    return current_app.response_class(body(), mimetype="application/json")
 
 
-def read_rows(model: SyncedModel, sync_groups: list[str]) -> list[dict[str, Any]]:
+def read_rows(connection: Connection, model: SyncedModel, sync_groups: list[str]) -> Iterator[list[dict[str, Any]]]:
+    """The model's rows in those groups, as the wire shows them, in chunks."""
+    names, columns = zip(*model.wire_columns)
     table = model.table
-    found = db.session.scalars(select(table).where(model.sync_groups.rows_in(table, sync_groups)).order_by(table.id))
-    return model.schema.dump(found, many=True)
+    statement = select(*columns).where(model.sync_groups.rows_in(table, sync_groups)).order_by(table.id)
+    for rows in connection.execute(statement.execution_options(yield_per=BOOTSTRAP_CHUNK)).partitions():
+        yield [dict(zip(names, row)) for row in rows]
 
 
 # --- 6. GET /sync -----------------------------------------------------------

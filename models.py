@@ -72,6 +72,12 @@ class SyncedModel:
         return self.schema.fields[attribute].data_key or attribute
 
     @functools.cached_property
+    def wire_columns(self) -> list[tuple[str, Any]]:
+        """(wire name, column) for each field of the schema. A bootstrap reads
+        rows column by column, which is the schema's dump for plain fields."""
+        return [(field.data_key or name, getattr(self.table, name)) for name, field in self.schema.fields.items()]
+
+    @functools.cached_property
     def references(self) -> list[tuple[str, SyncedModel]]:
         """(attribute, referenced model) for each foreign key of the table; read once, after every model is registered."""
         by_table = {m.table.__table__: m for m in SYNCED_MODELS.values()}

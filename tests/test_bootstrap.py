@@ -54,16 +54,17 @@ def test_lazy_bootstrap_of_several_groups_serves_each_of_them(seeded):
 
 
 def test_rows_and_first_sync_id_come_from_one_snapshot(app, seeded, monkeypatch):
-    """A writer commits after the endpoint has read the rows and before it
-    reads the head: firstSyncId must still be the head those rows reflect."""
+    """A writer commits after the endpoint has read the caller's groups and
+    before it reads the head and streams the rows: firstSyncId and the rows
+    must still come from one snapshot."""
     committed = []
     read_head = app_module.read_head
 
-    def read_head_after_a_concurrent_commit():
+    def read_head_after_a_concurrent_commit(*args):
         writer = threading.Thread(target=lambda: committed.append(mutate(same_user(app, seeded), todo("t2", "g1"))))
         writer.start()
         writer.join()
-        return read_head()
+        return read_head(*args)
 
     monkeypatch.setattr(app_module, "read_head", read_head_after_a_concurrent_commit)
     body = seeded.get("/bootstrap?type=eager&models=Todo").get_json()
