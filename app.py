@@ -584,6 +584,21 @@ def sync():
         return {"sync": [], "lastSyncId": read_head(), "syncGroups": caller_sync_groups(g.user_id), "hasMore": False}
 
     since, limit = query["since"], query.get("limit", DEFAULT_LIMIT)
+    head = read_known_head(since)
+    # A long poll (wait=) holds an empty answer until an action the caller
+    # may see arrives, or the wait ends; then it answers the page as usual.
+    deadline = time.monotonic() + min(query.get("wait", 0), current_app.config["MAX_HOLD_S"])
+    page = read_page(since, min(query.get("until", head), head), limit)
+    while "wait" in query and not page["sync"] and not page["hasMore"] and log_watcher().wait_past(page["lastSyncId"], deadline):
+        # Much can happen during a wait: check the token and the cursor again,
+        # or a poll held across `init-db` would serve the new database's log.
+        user_for_token(request.headers.get("Authorization"))
+        page = read_page(page["lastSyncId"], read_known_head(page["lastSyncId"]), limit)
+    return page
+
+
+def read_known_head(since: int) -> int:
+    """The head, once `since` is known to be a cursor of this database's log."""
     log_start, head = read_log_start(), read_head()
     if not log_start <= since <= head:
         raise ApiError(
@@ -592,13 +607,7 @@ def sync():
             f"since={since} is not a cursor of this database, whose log runs from {log_start} to {head}: "
             "the database was reset after this client synced. Bootstrap again.",
         )
-    # A long poll (wait=) holds an empty answer until an action the caller
-    # may see arrives, or the wait ends; then it answers the page as usual.
-    deadline = time.monotonic() + min(query.get("wait", 0), current_app.config["MAX_HOLD_S"])
-    page = read_page(since, min(query.get("until", head), head), limit)
-    while "wait" in query and not page["sync"] and not page["hasMore"] and log_watcher().wait_past(page["lastSyncId"], deadline):
-        page = read_page(page["lastSyncId"], read_head(), limit)
-    return page
+    return head
 
 
 def read_page(since: int, until: int, limit: int) -> dict[str, Any]:

@@ -98,6 +98,19 @@ def test_a_held_poll_holds_no_snapshot_so_the_log_can_be_checkpointed(seeded, ap
     finished(poll, 10)
 
 
+def test_a_poll_held_across_init_db_does_not_continue_into_the_new_database(seeded, base_url, runner):
+    old_head = head(seeded)
+    poll = poll_in_background(base_url, seeded.token, f"since={old_head}&wait=10")
+    time.sleep(0.3)
+
+    assert runner.invoke(args=["init-db"]).exit_code == 0
+    assert runner.invoke(args=["seed"]).exit_code == 0  # user 1, the poller's id, exists again with a new token
+
+    finished(poll, 10)
+    # Checked again on waking, as for any new request: the old token is unknown to the new database.
+    assert poll["status"] == 401 and poll["body"]["error"]["code"] == "unauthorized"
+
+
 def test_a_poll_without_wait_is_never_held(seeded):
     started = time.monotonic()
     assert seeded.get("/sync?since=5").get_json()["sync"] == []
