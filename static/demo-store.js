@@ -42,6 +42,7 @@ export class LocalStore {
     /** @type {PendingTransaction[]} */
     this.pending = [];
     this.online = true;
+    this.started = false;
     /** "starting" | "live" | "reconnecting" | "offline" | "refused" */
     this.connection = "starting";
     this.sending = false;
@@ -53,7 +54,7 @@ export class LocalStore {
 
   async start() {
     for (;;) {
-      const result = await this.bootstrap();
+      const result = await this.bootstrap(this.generation);
       if (result.ok) break;
       if (result.error === "auth") {
         this.connection = "refused"; // a wrong token stays wrong: do not retry
@@ -62,12 +63,20 @@ export class LocalStore {
       }
       await delay(RETRY_MS);
     }
-    this.connect();
+    this.started = true;
+    if (this.online) this.connect();
+    else this.setOffline();
   }
 
-  /** Replace every row with a fresh eager bootstrap. */
-  async bootstrap() {
+  /**
+   * Replace every row with a fresh eager bootstrap, unless the connection
+   * that asked for it has been closed meanwhile: a newer one may have
+   * applied newer actions, which these older rows must not overwrite.
+   * @param {number} generation
+   */
+  async bootstrap(generation) {
     const result = await this.network.bootstrap({ type: "eager", models: this.models });
+    if (generation !== this.generation) return { ok: false, error: "stale" };
     if (!result.ok) return result;
     const { bootstrap, firstSyncId, syncGroups } = result.value;
     for (const name of this.models) {
@@ -86,18 +95,21 @@ export class LocalStore {
   setOnline(online) {
     if (online === this.online) return;
     this.online = online;
-    if (online) {
-      this.connect();
-    } else {
-      this.unsubscribe?.();
-      this.unsubscribe = undefined;
-      this.generation += 1;
-      this.connection = "offline";
-      this.onEvent({ type: "change" });
-    }
+    if (!this.started) return; // start() connects, or not, when its bootstrap is done
+    if (online) this.connect();
+    else this.setOffline();
+  }
+
+  setOffline() {
+    this.unsubscribe?.();
+    this.unsubscribe = undefined;
+    this.generation += 1;
+    this.connection = "offline";
+    this.onEvent({ type: "change" });
   }
 
   connect() {
+    this.unsubscribe?.();
     const generation = ++this.generation;
     this.connection = "reconnecting";
     this.unsubscribe = this.network.initSync((message) => this.receive(message, generation));
@@ -113,7 +125,7 @@ export class LocalStore {
     } else if (message.type === "handshake") {
       if (!sameGroups(message.syncGroups, this.syncGroups)) {
         // Our groups changed: a fresh bootstrap is the simplest correct answer.
-        while (!(await this.bootstrap()).ok) if (!(await this.pause(generation))) return;
+        while (!(await this.bootstrap(generation)).ok) if (!(await this.pause(generation))) return;
       }
       // Catch up to the handshake before any `sync` message: the adapter
       // waits for this promise, so nothing can slip in between.
@@ -124,7 +136,7 @@ export class LocalStore {
           this.apply(delta.value.sync, message.lastSyncId);
         } else if (delta.error === "server") {
           // The log no longer holds our cursor (the database was reset).
-          while (!(await this.bootstrap()).ok) if (!(await this.pause(generation))) return;
+          while (!(await this.bootstrap(generation)).ok) if (!(await this.pause(generation))) return;
         } else if (!(await this.pause(generation))) {
           return;
         }

@@ -61,6 +61,8 @@
  *   plain polling if the server does not know the parameter (default true).
  * @property {number} [waitSeconds] How long a long poll may be held (default 25, at most 30).
  * @property {number} [pageLimit] `limit` per /sync page; the server's default when unset.
+ * @property {number} [deltaSyncRetries] How often deltaSync retries a network or auth failure,
+ *   with backoff from pollMs, before it answers with the failure (default 5).
  * @property {number} [timeoutMs] Give up on a request after this long (default 30000).
  * @property {(args: any) => readonly LocalChange[]} [toChanges] For a Loco Sync config with custom
  *   mutations (`mutationDefs`): turns the mutation args the client sends into this server's changes.
@@ -82,6 +84,7 @@ export function createNetworkAdapter({
   longPoll = true,
   waitSeconds = 25,
   pageLimit,
+  deltaSyncRetries = 5,
   timeoutMs = 30_000,
   toChanges = (args) => args,
   fetch: fetchImpl = (...args) => globalThis.fetch(...args),
@@ -92,6 +95,7 @@ export function createNetworkAdapter({
   /** @type {WeakMap<object, string>} */
   const transactionIds = new WeakMap();
   let serverHoldsPolls = longPoll;
+  const holdSeconds = Math.min(30, Math.max(0.001, Math.round(waitSeconds * 1000) / 1000)); // as the server parses it
 
   /**
    * One request, its outcome as a Result. Never throws.
@@ -179,9 +183,16 @@ export function createNetworkAdapter({
     /** @type {SyncAction[]} */
     const sync = [];
     let since = fromSyncId;
+    let retries = 0;
     while (since < toSyncId) {
       const page = await readPage(since, { until: toSyncId });
-      if (!page.ok) return page;
+      if (!page.ok) {
+        // Retried here, not by the caller: the Loco Sync client retries a failed
+        // catch-up without waiting for it, and meanwhile drops `sync` messages.
+        if (page.error === "server" || retries >= deltaSyncRetries) return page;
+        await sleep(pollMs * 2 ** retries++ * (0.75 + Math.random() / 2));
+        continue;
+      }
       sync.push(...page.value.sync);
       if (!page.value.hasMore) break;
       if (!(page.value.lastSyncId > since)) return failure("server", 200, "stalled_cursor", "the server's cursor did not move");
@@ -219,10 +230,10 @@ export function createNetworkAdapter({
         if (handshake.ok) {
           let { lastSyncId: cursor, syncGroups } = handshake.value;
           connected = true;
-          backoffMs = pollMs;
           await deliver({ type: "handshake", lastSyncId: cursor, syncGroups });
           while (!stopped()) {
-            const wait = serverHoldsPolls ? Math.min(waitSeconds, 30) : undefined;
+            const wait = serverHoldsPolls ? holdSeconds : undefined;
+            const asked = Date.now();
             const page = await readPage(cursor, { wait, signal: stop.signal });
             if (stopped()) return;
             if (!page.ok) {
@@ -232,6 +243,7 @@ export function createNetworkAdapter({
               }
               break;
             }
+            backoffMs = pollMs; // reset only by a poll that worked, so an outage of polls backs off
             const { sync, lastSyncId, hasMore } = page.value;
             if (!sameGroups(page.value.syncGroups, syncGroups)) {
               syncGroups = page.value.syncGroups;
@@ -239,7 +251,10 @@ export function createNetworkAdapter({
             }
             if (sync.length > 0) await deliver({ type: "sync", lastSyncId, sync });
             cursor = lastSyncId;
-            if (!hasMore && !serverHoldsPolls) await sleep(pollMs, stop.signal);
+            // Pause unless the server held the poll: an empty long poll answered
+            // early means this server does not hold polls after all.
+            const held = serverHoldsPolls && (sync.length > 0 || Date.now() - asked >= holdSeconds * 500);
+            if (!hasMore && !held) await sleep(pollMs, stop.signal);
           }
         }
         if (stopped()) return;
@@ -320,15 +335,15 @@ function withTimeout(signal, ms) {
   };
 }
 
-/** @param {number} ms @param {AbortSignal} signal */
+/** @param {number} ms @param {AbortSignal} [signal] ends the sleep early */
 function sleep(ms, signal) {
   return new Promise((resolve) => {
-    if (signal.aborted) return resolve(undefined);
+    if (signal?.aborted) return resolve(undefined);
     const timer = setTimeout(done, ms);
-    signal.addEventListener("abort", done, { once: true });
+    signal?.addEventListener("abort", done, { once: true });
     function done() {
       clearTimeout(timer);
-      signal.removeEventListener("abort", done);
+      signal?.removeEventListener("abort", done);
       resolve(undefined);
     }
   });

@@ -131,8 +131,9 @@ async function logSince(user, since) {
   return body.sync;
 }
 
+// deltaSync's own retries are off unless a test is about them: failures then come back at once.
 function adapterFor(user, options = {}) {
-  return createNetworkAdapter({ baseUrl: server.baseUrl, token: server.tokens[user], pollMs: POLL_MS, longPoll: false, ...options });
+  return createNetworkAdapter({ baseUrl: server.baseUrl, token: server.tokens[user], pollMs: POLL_MS, longPoll: false, deltaSyncRetries: 0, ...options });
 }
 
 /** Polls `condition` every 20 ms; fails with `what` if it stays false for `timeoutMs`. */
@@ -293,7 +294,7 @@ test("a refused mutation is a server error with the server's status and code", a
 });
 
 test("an unknown token is an auth error for every method", async () => {
-  const adapter = createNetworkAdapter({ baseUrl: server.baseUrl, token: "1.not-the-secret" });
+  const adapter = createNetworkAdapter({ baseUrl: server.baseUrl, token: "1.not-the-secret", deltaSyncRetries: 0 });
   const head = await headOf();
   assertFailure(await adapter.sendTransaction([todo(freshId("anon"), "g1")]), "auth", { status: 401, code: "unauthorized" });
   assertFailure(await adapter.bootstrap({ type: "eager", models: ["Todo"] }), "auth", { status: 401, code: "unauthorized" });
@@ -307,7 +308,7 @@ test("a lazy bootstrap of a sync group the caller lacks is an auth error", async
 });
 
 test("an unreachable server is a network error with status 0", async () => {
-  const adapter = createNetworkAdapter({ baseUrl: `http://127.0.0.1:${await closedPort()}`, token: server.tokens.Ada });
+  const adapter = createNetworkAdapter({ baseUrl: `http://127.0.0.1:${await closedPort()}`, token: server.tokens.Ada, deltaSyncRetries: 0 });
   assertFailure(await adapter.sendTransaction([todo(freshId("void"), "g1")]), "network", { status: 0 });
   assertFailure(await adapter.bootstrap({ type: "eager", models: ["Todo"] }), "network", { status: 0 });
   assertFailure(await adapter.deltaSync(0, 1), "network", { status: 0 });
@@ -407,6 +408,7 @@ test("no method ever rejects, even when fetch throws synchronously or the argume
   const throwing = createNetworkAdapter({
     baseUrl: server.baseUrl,
     token: server.tokens.Ada,
+    deltaSyncRetries: 0,
     fetch: () => {
       throw new TypeError("synchronous failure");
     },
@@ -501,6 +503,30 @@ test("deltaSync follows hasMore through every page and returns each action once,
   assert.equal(grace.ok, true, JSON.stringify(grace));
   assert.deepEqual(grace.value.sync, expected.filter((a) => a.data.groupId === "g1"));
   assert.equal(graceRecording.requests.length, 3);
+});
+
+test("deltaSync retries network and auth failures with backoff, so a catch-up survives a blip", async () => {
+  // The Loco Sync client retries a failed catch-up without awaiting it, and drops
+  // `sync` messages meanwhile: the retry must happen inside deltaSync.
+  const head = await headOf();
+  await mutate("Ada", todo(freshId("blip"), "g1"));
+  const failures = [new TypeError("fetch failed"), jsonResponse(401, { error: { type: "auth", code: "unauthorized", message: "x", details: null } })];
+  const recording = recordingFetch((url, init) => {
+    const next = failures.shift();
+    if (next instanceof Error) return Promise.reject(next);
+    return next ? Promise.resolve(next) : fetch(url, init);
+  });
+  const result = await adapterFor("Ada", { fetch: recording, deltaSyncRetries: 3 }).deltaSync(head, head + 1);
+  assert.deepEqual(result, { ok: true, value: { sync: await logSince("Ada", head) } });
+  assert.equal(recording.requests.length, 3);
+
+  // A failure that lasts is answered after the retries; a server error at once.
+  const down = recordingFetch(() => Promise.reject(new TypeError("fetch failed")));
+  assertFailure(await adapterFor("Ada", { fetch: down, deltaSyncRetries: 2 }).deltaSync(head, head + 1), "network");
+  assert.equal(down.requests.length, 3);
+  const refused = recordingFetch(() => Promise.resolve(jsonResponse(409, { error: { type: "server", code: "unknown_cursor", message: "x", details: null } })));
+  assertFailure(await adapterFor("Ada", { fetch: refused, deltaSyncRetries: 2 }).deltaSync(head, head + 1), "server", { code: "unknown_cursor" });
+  assert.equal(refused.requests.length, 1);
 });
 
 test("deltaSync of an empty range is [] without a request, and of a reversed range a server error", async () => {
@@ -701,6 +727,34 @@ test("initSync long-polls: each poll asks the server to hold it, and an action e
   await waitFor("the held poll's answer", () => grace.ofType("sync").length > 0);
   assert.deepEqual(grace.ofType("sync"), [{ type: "sync", lastSyncId: syncId, sync: await logSince("Grace", head) }]);
   for (const poll of recording.polls()) assert.equal(poll.url.searchParams.get("wait"), "5");
+});
+
+test("polls that keep failing back off, even when each handshake works", async (t) => {
+  // E.g. a proxy that cuts long requests: handshakes pass, polls get a 504.
+  const recording = recordingFetch((url, init) =>
+    new URL(url).searchParams.has("since") ? Promise.resolve(new Response("Gateway Timeout", { status: 504 })) : fetch(url, init),
+  );
+  const grace = recorder();
+  listen(t, adapterFor("Grace", { fetch: recording }), grace.listener);
+  await delay(1500);
+  const handshakes = recording.requests.filter((r) => !r.url.searchParams.has("since")).length;
+  // Backoff from 50 ms, doubling: about 5 handshakes in 1.5 s; without it, about 20.
+  assert.ok(handshakes <= 8, `${handshakes} handshakes in 1.5 s`);
+  assert.ok(grace.ofType("disconnected").length >= 2);
+});
+
+test("an empty long poll answered at once is followed by a pause, and waitSeconds is sent as the server reads it", async (t) => {
+  const recording = recordingFetch(async (url, init) => {
+    const page = new URL(url);
+    if (!page.searchParams.has("wait")) return fetch(url, init);
+    const since = Number(page.searchParams.get("since"));
+    return jsonResponse(200, { sync: [], lastSyncId: since, syncGroups: ["all", "group:g1"], hasMore: false });
+  });
+  listen(t, adapterFor("Grace", { longPoll: true, waitSeconds: 0.1 + 0.2, pollMs: 100, fetch: recording }), () => {});
+  await delay(600);
+  const polls = recording.polls();
+  assert.ok(polls.length >= 2 && polls.length <= 8, `${polls.length} polls in 600 ms`);
+  for (const poll of polls) assert.equal(poll.url.searchParams.get("wait"), "0.3");
 });
 
 test("initSync falls back to plain polling when the server refuses wait=", async (t) => {
