@@ -15,6 +15,7 @@ Tables, wire schemas and sync-group rules live in models.py.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import hmac
@@ -92,6 +93,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     with app.app_context():
         configure_sqlite(db.engine, app.config["SQLITE_BUSY_TIMEOUT_MS"])
         app.extensions["log_watcher"] = LogWatcher(db.engine.url.database, app.config["LOG_CHECK_INTERVAL_S"])
+        app.extensions["write_lock"] = WriteLock(db.engine.url.database)
         # Under the write lock, with busy retries, so server processes starting together do not race.
         in_write_transaction(lambda: db.metadata.create_all(db.session.connection()))
 
@@ -139,6 +141,35 @@ def configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
         # writers queue up instead of deadlocking on a lock upgrade.
         mode = connection.get_execution_options().get("sqlite_begin", "DEFERRED")
         connection.exec_driver_sql(f"BEGIN {mode}")
+
+
+class WriteLock:
+    """One writer at a time, across the threads and processes of this server.
+
+    SQLite lets only one transaction write; a second one waits in SQLite's
+    busy handler, which sleeps up to 100 ms between tries, so writers of two
+    processes spent most of their time asleep. Queueing on a file lock
+    instead hands the turn over the moment it is free. (SQLite's busy
+    timeout still covers writers that do not take this lock, like the CLI.)
+    """
+
+    def __init__(self, database: str | None):
+        self.path = f"{database}-writer.lock" if database else None  # None: an in-memory database
+        self.threads = threading.Lock()  # a file lock is per process: threads queue here first
+        self.file, self.pid = -1, 0
+
+    def __enter__(self) -> None:
+        self.threads.acquire()
+        if self.path is None:
+            return
+        if self.pid != os.getpid():  # opened after a fork, so that processes do not share it
+            self.file, self.pid = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600), os.getpid()
+        fcntl.flock(self.file, fcntl.LOCK_EX)
+
+    def __exit__(self, *_) -> None:
+        if self.path is not None:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.threads.release()
 
 
 def read_head(connection: Connection | None = None) -> int:
@@ -305,9 +336,10 @@ def in_write_transaction(work: Callable[[], T]) -> T:
     for attempt in range(config["BUSY_RETRIES"] + 1):
         try:
             db.session.close()  # start clean, so BEGIN IMMEDIATE is this transaction's first statement
-            db.session.connection(execution_options={"sqlite_begin": "IMMEDIATE"})
-            result = work()
-            db.session.commit()
+            with current_app.extensions["write_lock"]:
+                db.session.connection(execution_options={"sqlite_begin": "IMMEDIATE"})
+                result = work()
+                db.session.commit()
             return result
         except OperationalError as error:
             db.session.rollback()

@@ -25,13 +25,16 @@ def test_connections_use_wal_full_sync_foreign_keys_and_a_busy_timeout(app):
         assert pragma("busy_timeout") == app.config["SQLITE_BUSY_TIMEOUT_MS"]
 
 
-def record_statements(app) -> list[str]:
-    """The statements the app sends from now on: 'BEGIN <mode>' or the first keyword."""
+def record_statements(app, by_connection: dict | None = None) -> list[str]:
+    """The statements the app sends from now on: 'BEGIN <mode>' or the first keyword
+    (also in `by_connection`, per database connection, if given)."""
     statements: list[str] = []
 
-    def record(_connection, _cursor, statement, *_):
+    def record(connection, _cursor, statement, *_):
         words = statement.split()
         statements.append(" ".join(words[:2]) if words[0] == "BEGIN" else words[0])
+        if by_connection is not None:
+            by_connection.setdefault(id(connection.connection.dbapi_connection), []).append(statements[-1])
 
     with app.app_context():
         event.listen(db.engine, "before_cursor_execute", record)
@@ -47,11 +50,13 @@ def test_a_mutation_takes_the_write_lock_at_begin(app, seeded):
 
 
 def test_reads_run_in_one_explicit_transaction(app, seeded):
-    statements = record_statements(app)
-    seeded.get("/bootstrap?type=eager&models=Todo,Group")
-    assert statements[0] == "BEGIN DEFERRED"
-    assert statements.count("BEGIN DEFERRED") == 1
-    assert statements.count("SELECT") >= 3  # groups, each model, the head: all after that one BEGIN
+    by_connection: dict = {}
+    record_statements(app, by_connection)
+    assert seeded.get("/bootstrap?type=eager&models=Todo,Group").get_json()["firstSyncId"] == 5  # read to its end
+    # One connection checks the token; the bootstrap reads on its own, in one transaction.
+    reads = max(by_connection.values(), key=len)
+    assert reads[0] == "BEGIN DEFERRED" and reads.count("BEGIN DEFERRED") == 1
+    assert reads.count("SELECT") >= 4  # groups, the head, each model: all after that one BEGIN
 
 
 def test_a_sync_id_is_never_handed_out_twice(app, seeded):
