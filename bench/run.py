@@ -87,6 +87,7 @@ def add_history(path: str, actions: int) -> None:
             connection.executemany("INSERT INTO sync_action_group (sync_group, sync_action_id) VALUES (?, ?)", links)
             rows, links = [], []
     connection.execute("COMMIT")
+    connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # as a server that ran a while would have it
     connection.close()
 
 
@@ -98,6 +99,7 @@ def add_todos(path: str, count: int) -> None:
         ((f"b{n}", f"Todo number {n}", n % 2, n % 7) for n in range(count)),
     )
     connection.execute("COMMIT")
+    connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     connection.close()
 
 

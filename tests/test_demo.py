@@ -2,7 +2,7 @@
 driven by Playwright, against the app on a real HTTP server.
 
 Skipped when Chromium or Playwright is missing, unless
-LOCO_REQUIRE_BROWSER_TESTS=1 (CI sets it, so a missing install fails).
+LOCO_REQUIRE_TOOLS=1 (CI sets it, so a missing install fails).
 """
 
 import os
@@ -31,7 +31,7 @@ def browser_or_skip():
         missing.append(f"Chromium at {CHROMIUM} (apt-get install chromium)")
     if missing:
         reason = "the browser test needs " + " and ".join(missing)
-        if os.environ.get("LOCO_REQUIRE_BROWSER_TESTS") == "1":
+        if os.environ.get("LOCO_REQUIRE_TOOLS") == "1":
             pytest.fail(reason)
         pytest.skip(reason)
     return sync_playwright

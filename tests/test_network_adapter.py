@@ -1,7 +1,7 @@
 """Run the Node tests of the network adapter, static/loco-network.js (tests/js/).
 
 They start their own live server (tests/live_server.py) with this interpreter.
-Without Node the test is skipped, unless LOCO_REQUIRE_BROWSER_TESTS=1 (as in CI),
+Without Node the test is skipped, unless LOCO_REQUIRE_TOOLS=1 (as in CI),
 so that a missing install cannot pass silently.
 """
 
@@ -20,8 +20,8 @@ def test_the_network_adapter_passes_its_node_tests():
     node = shutil.which("node")
     if node is None:
         reason = "node is not installed: the tests of static/loco-network.js in tests/js/ need Node 20 or newer"
-        if os.environ.get("LOCO_REQUIRE_BROWSER_TESTS") == "1":
-            pytest.fail(f"{reason} (LOCO_REQUIRE_BROWSER_TESTS=1)")
+        if os.environ.get("LOCO_REQUIRE_TOOLS") == "1":
+            pytest.fail(f"{reason} (LOCO_REQUIRE_TOOLS=1)")
         pytest.skip(reason)
     # Files, not the directory: Node 21+ no longer searches a directory given to --test.
     files = [str(path.relative_to(ROOT)) for path in sorted((ROOT / "tests" / "js").glob("*.test.mjs"))]

@@ -1,0 +1,36 @@
+"""The benchmark (bench/run.py) in its smoke size, so that it cannot rot.
+
+This checks that every measurement runs and lands in the table; it asserts
+nothing about speed (the figures of a smoke run mean nothing). Skipped
+without wrk, unless LOCO_REQUIRE_TOOLS=1 (as in CI).
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ROWS = ["1a", "1b", "2", "3a", "3b", "4a", "4b", "5a", "5b", "6"]
+
+
+def test_the_benchmark_measures_every_row_of_its_table():
+    if shutil.which("wrk") is None:
+        reason = "the benchmark needs wrk (apt-get install wrk)"
+        if os.environ.get("LOCO_REQUIRE_TOOLS") == "1":
+            pytest.fail(f"{reason} (LOCO_REQUIRE_TOOLS=1)")
+        pytest.skip(reason)
+
+    result = subprocess.run([sys.executable, "bench/run.py", "--smoke"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    assert result.returncode == 0, result.stderr
+    table = {line.split("|")[1].strip(): line for line in result.stdout.splitlines() if re.match(r"\| \d[ab]? \|", line)}
+    assert list(table) == ROWS, result.stdout
+    for row, line in table.items():
+        assert re.search(r"\d", line.split("|")[3]), f"row {row} has no figure: {line}"
+        assert "failed)" not in line, f"row {row} had failed requests: {line}"
+    assert re.search(r"on \d+ cores", result.stdout)
