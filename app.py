@@ -36,7 +36,7 @@ from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Blueprint, Flask, current_app, g, render_template, request
 from flask.cli import with_appcontext
 from marshmallow import Schema, ValidationError, fields, post_load, validate, validates_schema
-from sqlalchemy import delete, event, func, select, text
+from sqlalchemy import bindparam, delete, event, func, select, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
@@ -207,12 +207,13 @@ def user_for_token(header: str | None) -> int:
             "The Authorization header must be 'Bearer <token>', with a token as printed by "
             "`flask --app app create-user` or `seed`."
         )
-    user = db.session.get(User, int(match[1]))
+    user_id = int(match[1])
+    stored = db.session.connection().scalar(TOKEN_OF_USER, {"user_id": user_id})
     # Compare hashes in constant time, and compare even when there is no such user.
-    known = hmac.compare_digest(sha256(match[2]), user.token_sha256 if user else NO_SUCH_TOKEN)
-    if not (user and known):
+    known = hmac.compare_digest(sha256(match[2]), stored or NO_SUCH_TOKEN)
+    if not (stored and known):
         raise unauthorized("Unknown token.")
-    return user.id
+    return user_id
 
 
 def unauthorized(message: str) -> ApiError:
@@ -223,11 +224,14 @@ def sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+# Statements of every request, built once (building one costs more than running it)
+# and run on the session's connection, in its transaction, without the ORM's layer.
+TOKEN_OF_USER = select(User.token_sha256).where(User.id == bindparam("user_id"))
+SYNC_GROUPS_OF_USER = select(Membership.sync_group).where(Membership.user_id == bindparam("user_id")).order_by(Membership.sync_group)
+
+
 def caller_sync_groups(user_id: int, connection: Connection | None = None) -> list[str]:
-    joined = (connection or db.session).scalars(
-        select(Membership.sync_group).where(Membership.user_id == user_id).order_by(Membership.sync_group)
-    )
-    return ["all", *joined]
+    return ["all", *(connection or db.session.connection()).scalars(SYNC_GROUPS_OF_USER, {"user_id": user_id})]
 
 
 def new_user(name: str) -> tuple[int, str]:
@@ -306,7 +310,7 @@ class MutateSchema(Schema):
 @api.post("/mutate")
 def mutate():
     body = json_body()
-    mutation = load(MutateSchema(), body)
+    mutation = load(shared(MutateSchema), body)
     last_sync_id = commit_changes(mutation["changes"], g.user_id, mutation.get("transaction_id"), fingerprint(body["changes"]))
     return {"lastSyncId": last_sync_id}
 
@@ -528,7 +532,7 @@ class BootstrapQuerySchema(Schema):
 
 @api.get("/bootstrap")
 def bootstrap():
-    query = load(BootstrapQuerySchema(), query_args())
+    query = load(shared(BootstrapQuerySchema), query_args())
     # The response is streamed a chunk of rows at a time, so a large bootstrap
     # never sits in memory whole. It reads everything on a connection of its
     # own, in one read transaction that lasts until the last chunk is sent:
@@ -611,7 +615,7 @@ class SyncQuerySchema(Schema):
 
 @api.get("/sync")
 def sync():
-    query = load(SyncQuerySchema(), query_args())
+    query = load(shared(SyncQuerySchema), query_args())
     if "since" not in query:  # the handshake
         return {"sync": [], "lastSyncId": read_head(), "syncGroups": caller_sync_groups(g.user_id), "hasMore": False}
 
@@ -631,7 +635,9 @@ def sync():
 
 def read_known_head(since: int) -> int:
     """The head, once `since` is known to be a cursor of this database's log."""
-    log_start, head = read_log_start(), read_head()
+    newest, start = db.session.connection().execute(LOG_BOUNDS).one()
+    log_start = start or 0
+    head = newest or log_start
     if not log_start <= since <= head:
         raise ApiError(
             409,
@@ -650,20 +656,39 @@ def read_page(since: int, until: int, limit: int) -> dict[str, Any]:
     # cursor moves past the ones it may not, so a long run of them can never
     # make a request slow or stall a client.
     cursor = min(until, since + limit)
-    visible = select(SyncActionGroup.sync_action_id).where(
-        SyncActionGroup.sync_group.in_(sync_groups),
-        SyncActionGroup.sync_action_id > since,
-        SyncActionGroup.sync_action_id <= cursor,
-    )
-    actions = db.session.scalars(select(SyncAction).where(SyncAction.id.in_(visible)).order_by(SyncAction.id))
+    actions = db.session.connection().execute(VISIBLE_ACTIONS, {"sync_groups": sync_groups, "since": since, "cursor": cursor})
     page = {
-        "sync": [action.to_wire() for action in actions],
+        "sync": [sync_action_on_the_wire(*action) for action in actions],
         "lastSyncId": cursor,
         "syncGroups": sync_groups,
         "hasMore": cursor < until,
     }
     db.session.close()  # end the snapshot: a held poll must not pin the WAL or a connection
     return page
+
+
+# A poll is the most frequent request: its statements are built once.
+LOG_BOUNDS = select(func.max(SyncAction.id), select(SyncLogStart.after_sync_id).scalar_subquery())
+VISIBLE_ACTIONS = (
+    select(SyncAction.id, SyncAction.action, SyncAction.model_name, SyncAction.model_id, SyncAction.data)
+    .where(
+        SyncAction.id.in_(
+            select(SyncActionGroup.sync_action_id).where(
+                SyncActionGroup.sync_group.in_(bindparam("sync_groups", expanding=True)),
+                SyncActionGroup.sync_action_id > bindparam("since"),
+                SyncActionGroup.sync_action_id <= bindparam("cursor"),
+            )
+        )
+    )
+    .order_by(SyncAction.id)
+)
+
+
+def sync_action_on_the_wire(sync_id: int, action: str, model_name: str, model_id: str, data: dict | None) -> dict[str, Any]:
+    wire = {"syncId": sync_id, "action": action, "modelName": model_name, "modelId": model_id}
+    if data is not None:
+        wire["data"] = data
+    return wire
 
 
 def log_watcher() -> LogWatcher:
@@ -995,6 +1020,12 @@ def query_args() -> dict[str, str]:
         messages = {key: [f"Given {count} times; give it once."] for key, count in repeated.items()}
         raise ApiError(400, "invalid_request", " ".join(f"{k}: {m[0]}" for k, m in messages.items()), details=messages)
     return request.args.to_dict()
+
+
+@functools.cache
+def shared(schema_class: type[Schema]) -> Schema:
+    """One instance of each schema: building one costs more than a request's loading."""
+    return schema_class()
 
 
 def load(schema: Schema, data: Any) -> Any:

@@ -216,17 +216,6 @@ class SyncAction(db.Model):
     data: Mapped[dict | None] = mapped_column(JSON)  # full row; None for delete
     sync_groups: Mapped[list[SyncActionGroup]] = relationship()
 
-    def to_wire(self) -> dict[str, Any]:
-        wire = {
-            "syncId": self.id,
-            "action": self.action,
-            "modelName": self.model_name,
-            "modelId": self.model_id,
-        }
-        if self.data is not None:
-            wire["data"] = self.data
-        return wire
-
 
 class SyncActionGroup(db.Model):
     """Links a sync action to each sync group that may see it."""

@@ -38,8 +38,9 @@ from models import db  # noqa: E402
 from servers import THREADS, WORKERS, Gunicorn  # noqa: E402
 
 CONNECTIONS = 16
-FULL = dict(seconds=10, history=(1_000, 1_000_000), todos=100_000, latency_samples=1_000, raw_transactions=5_000)
-SMOKE = dict(seconds=1, history=(1_000, 5_000), todos=2_000, latency_samples=30, raw_transactions=200)
+# Each request-rate figure is the median of `rounds` runs of `seconds`, taken turn about with its ceiling.
+FULL = dict(seconds=5, rounds=3, history=(1_000, 1_000_000), todos=100_000, latency_samples=1_000, raw_transactions=5_000)
+SMOKE = dict(seconds=1, rounds=1, history=(1_000, 5_000), todos=2_000, latency_samples=30, raw_transactions=200)
 GROUPS = 100  # for the history rows: a user in all of them, and one in just group:g0
 
 
@@ -47,7 +48,8 @@ GROUPS = 100  # for the history rows: a user in all of them, and one in just gro
 
 
 def new_database(directory: Path, name: str) -> tuple[str, str, dict[str, str]]:
-    """A fresh database with Group g1..., Author a1 and users; returns its URL, path and tokens."""
+    """A fresh database with Groups g0 to g99, Author a1 and three users: in every group, in
+    group:g0 only, and in group:g0 and group:g1 (typical); returns its URL, path and tokens."""
     path = directory / f"{name}.sqlite3"
     url = f"sqlite:///{path}"
     app = create_app({"SQLALCHEMY_DATABASE_URI": url})
@@ -56,9 +58,12 @@ def new_database(directory: Path, name: str) -> tuple[str, str, dict[str, str]]:
 
     def seed():
         (everyone, everyone_token), (one, one_token) = new_user("in every group"), new_user("in group:g0 only")
+        typical, typical_token = new_user("in group:g0 and group:g1")
         apply_transaction(load(MutateSchema(), {"changes": changes})["changes"], everyone, None, "")  # joins every group
         join(one, "group:g0")
-        return {"every": everyone_token, "one": one_token}
+        join(typical, "group:g0")
+        join(typical, "group:g1")
+        return {"every": everyone_token, "one": one_token, "typical": typical_token}
 
     with app.app_context():
         tokens = in_write_transaction(seed)
@@ -118,8 +123,12 @@ class Rate:
     failed: int
 
 
-def wrk(url: str, seconds: float, token: str | None = None, script: str | None = None, args: list[str] = ()) -> Rate:
-    command = ["wrk", "--threads", "2", "--connections", str(CONNECTIONS), "--duration", f"{seconds}s", "--timeout", "10s"]
+def wrk(url: str, seconds: float, token: str | None = None, script: str | None = None, args: list[str] = (), warm_up: bool = True) -> Rate:
+    """Requests per second at CONNECTIONS connections, after a warm-up run whose figure is dropped
+    (a server's first seconds are much slower, in every row alike)."""
+    if warm_up:
+        wrk(url, max(1, round(seconds / 3)), token, script, [f"{args[0]}-warm-up"] if args else [], warm_up=False)
+    command = ["wrk", "--threads", "2", "--connections", str(CONNECTIONS), "--duration", f"{seconds:g}s", "--timeout", "10s"]
     if token:
         command += ["--header", f"Authorization: Bearer {token}", "--header", "Content-Type: application/json"]
     if script:
@@ -284,45 +293,54 @@ def main() -> None:
     try:
         progress("ceilings: the no-op endpoint and raw sqlite3")
         noop = serve("sqlite://", "noop", app="bench.noop_app:app")
-        noop_rate = wrk(noop.url + "/", size["seconds"])
         noop_trips = round_trips(noop.url, 1000 if not options.smoke else 50)
         raw_rate = raw_sqlite_transactions(directory, size["raw_transactions"])
-        rows.append(("1a", "No-op JSON endpoint (ceiling)", f"{noop_rate.per_second:,.0f} req/s", "", "", ""))
-        rows.append(("1b", "Raw sqlite3: one mutation's writes per transaction (ceiling)", f"{raw_rate:,.0f} tx/s", "", "", ""))
+        ceilings: list[Rate] = []
+
+        def against_noop(measure) -> tuple[Rate, float]:
+            """The median rate of `measure` and its median ratio to the no-op endpoint, measured turn about."""
+            pairs = []
+            for _ in range(size["rounds"]):
+                ceilings.append(wrk(noop.url + "/", size["seconds"]))
+                pairs.append((measure(), ceilings[-1]))
+            return merged([rate for rate, _ in pairs]), statistics.median(rate.per_second / noop.per_second for rate, noop in pairs)
 
         progress("POST /mutate and GET /sync")
         url, path, tokens = new_database(directory, "main")
         app_server = serve(url, "main")
-        mutate = wrk(app_server.url + "/mutate", size["seconds"], tokens["every"], "mutate.lua", [f"run{os.getpid()}"])
-        ratio = mutate.per_second / noop_rate.per_second
+        mutate, ratio = against_noop(lambda: wrk(app_server.url + "/mutate", size["seconds"], tokens["typical"], "mutate.lua", [f"run{time.monotonic_ns()}"]))
         rows.append(("2", f"POST /mutate, one-change create, {CONNECTIONS} clients", f"{mutate.per_second:,.0f} tx/s" + failures(mutate),
                      "1a", f"{ratio:.2f} (of 1b: {mutate.per_second / raw_rate:.2f})", verdict(ratio >= 0.5, "≥ 0.5")))
         head = head_of(path)
-        empty = wrk(f"{app_server.url}/sync?since={head}", size["seconds"], tokens["every"])
-        ratio = empty.per_second / noop_rate.per_second
+        empty, ratio = against_noop(lambda: wrk(f"{app_server.url}/sync?since={head}", size["seconds"], tokens["typical"]))
         rows.append(("3a", "GET /sync, nothing new", f"{empty.per_second:,.0f} req/s" + failures(empty), "1a", f"{ratio:.2f}", verdict(ratio >= 0.7, "≥ 0.7")))
-        page = wrk(f"{app_server.url}/sync?since={head - 100}", size["seconds"], tokens["every"])
-        ratio = page.per_second / noop_rate.per_second
+        page, ratio = against_noop(lambda: wrk(f"{app_server.url}/sync?since={head - 100}", size["seconds"], tokens["typical"]))
         rows.append(("3b", "GET /sync, a 100-action page", f"{page.per_second:,.0f} req/s" + failures(page), "1a", f"{ratio:.2f}", verdict(ratio >= 0.3, "≥ 0.3")))
+        app_server.stop()
+        rows[:0] = [
+            ("1a", "No-op JSON endpoint (ceiling)", f"{merged(ceilings).per_second:,.0f} req/s", "", "", ""),
+            ("1b", "Raw sqlite3: one mutation's writes per transaction (ceiling)", f"{raw_rate:,.0f} tx/s", "", "", ""),
+        ]
 
         progress("delta cost versus history")
-        rates = {}
+        history = {}
         for actions in size["history"]:
             url, path, tokens = new_database(directory, f"history{actions}")
             add_history(path, actions)
-            server = serve(url, f"history{actions}")
-            head = head_of(path)
-            rates[actions] = (
-                wrk(f"{server.url}/sync?since={head - 100}", size["seconds"], tokens["every"]),
-                wrk(f"{server.url}/sync?since={head - 1000}", size["seconds"], tokens["one"]),
-            )
-            server.stop()
+            history[actions] = (serve(url, f"history{actions}"), head_of(path), tokens)
         small, large = size["history"]
-        for n, who in enumerate(["a user in all 100 groups", "a user in 1 of 100 groups"]):
-            cost = rates[small][n].per_second / rates[large][n].per_second  # time per request, large over small
+        for n, (who, since_back, token) in enumerate([("a user in all 100 groups", 100, "every"), ("a user in 1 of 100 groups", 1000, "one")]):
+            rates = {actions: [] for actions in history}
+            for _ in range(size["rounds"]):  # turn about, as for the ratios to the no-op endpoint
+                for actions, (server, head, tokens) in history.items():
+                    rates[actions].append(wrk(f"{server.url}/sync?since={head - since_back}", size["seconds"], tokens[token]))
+            cost = statistics.median(s.per_second / l.per_second for s, l in zip(rates[small], rates[large]))  # time per request, large over small
+            large_rate, small_rate = merged(rates[large]), merged(rates[small])
             rows.append((f"4{'ab'[n]}", f"GET /sync, a 100-action page, {who}: {large:,} vs {small:,} actions of history",
-                         f"{rates[large][n].per_second:,.0f} vs {rates[small][n].per_second:,.0f} req/s" + failures(rates[large][n], rates[small][n]),
+                         f"{large_rate.per_second:,.0f} vs {small_rate.per_second:,.0f} req/s" + failures(large_rate, small_rate),
                          f"{small:,}-action log", f"cost × {cost:.2f}", verdict(cost <= 1.2, "≤ 1.2")))
+        for server, _, _ in history.values():
+            server.stop()
 
         progress("eager bootstrap")
         url, path, tokens = new_database(directory, "bootstrap")
@@ -358,6 +376,10 @@ def main() -> None:
         shutil.rmtree(directory, ignore_errors=True)
 
     print(table(rows, options.smoke))
+
+
+def merged(rates: list[Rate]) -> Rate:
+    return Rate(statistics.median(rate.per_second for rate in rates), sum(r.requests for r in rates), sum(r.failed for r in rates))
 
 
 def failures(*rates: Rate) -> str:

@@ -103,16 +103,16 @@ def test_replaying_the_log_from_zero_reproduces_the_rows(seeded):
 def test_the_cursor_never_passes_an_action_the_response_did_not_carry(app, seeded, monkeypatch):
     """A writer commits after the endpoint has read the head: the page stops
     at that head, and the next poll returns the new action."""
-    read_head = app_module.read_head
+    read_known_head = app_module.read_known_head
 
-    def read_head_then_a_concurrent_commit():
-        head = read_head()
+    def read_head_then_a_concurrent_commit(since):
+        head = read_known_head(since)
         writer = threading.Thread(target=lambda: mutate(same_user(app, seeded), todo("t2", "g1")))
         writer.start()
         writer.join()
         return head
 
-    monkeypatch.setattr(app_module, "read_head", read_head_then_a_concurrent_commit)
+    monkeypatch.setattr(app_module, "read_known_head", read_head_then_a_concurrent_commit)
     body = seeded.get("/sync?since=4").get_json()
     monkeypatch.undo()
 
