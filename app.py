@@ -162,9 +162,13 @@ class WriteLock:
         self.threads.acquire()
         if self.path is None:
             return
-        if self.pid != os.getpid():  # opened after a fork, so that processes do not share it
-            self.file, self.pid = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600), os.getpid()
-        fcntl.flock(self.file, fcntl.LOCK_EX)
+        try:
+            if self.pid != os.getpid():  # opened after a fork, so that processes do not share it
+                self.file, self.pid = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600), os.getpid()
+            fcntl.flock(self.file, fcntl.LOCK_EX)
+        except BaseException:
+            self.threads.release()
+            raise
 
     def __exit__(self, *_) -> None:
         if self.path is not None:
@@ -719,7 +723,8 @@ class LogWatcher:
             if self.head > since:
                 return True
             self.waiting += 1
-            if self.thread is None or not self.thread.is_alive():
+            # An in-memory database has no other process to watch.
+            if self.database and (self.thread is None or not self.thread.is_alive()):
                 self.thread = threading.Thread(target=self.watch, name="log-watcher", daemon=True)
                 self.thread.start()
             self.changed.notify_all()  # wake the watcher if it was idle
