@@ -74,6 +74,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app = Flask(__name__, instance_relative_config=True)
     app.config.from_mapping(
         SQLALCHEMY_DATABASE_URI=os.environ.get("DATABASE_URL") or "sqlite:///" + os.path.join(app.instance_path, "loco.sqlite3"),
+        # Rows in the log are stored as compact JSON: a page sends them on as stored.
+        SQLALCHEMY_ENGINE_OPTIONS={"json_serializer": lambda value: json.dumps(value, separators=(",", ":"))},
         MAX_CONTENT_LENGTH=1024 * 1024,
         SQLITE_BUSY_TIMEOUT_MS=2000,  # how long one attempt waits for the write lock
         BUSY_RETRIES=3,  # further attempts, with backoff, before answering 503
@@ -697,7 +699,7 @@ def sync_action_json(sync_id: int, action: str, model_name: str, model_id: str, 
 
 def page_response(page: dict[str, Any]):
     body = '{"sync":[%s],"lastSyncId":%d,"syncGroups":%s,"hasMore":%s}' % (
-        ",".join(page["sync"]), page["lastSyncId"], json.dumps(page["syncGroups"]), "true" if page["hasMore"] else "false"
+        ",".join(page["sync"]), page["lastSyncId"], json.dumps(page["syncGroups"], separators=(",", ":")), "true" if page["hasMore"] else "false"
     )
     return current_app.response_class(body, mimetype="application/json")
 
