@@ -178,15 +178,18 @@ class WriteLock:
         self.threads.release()
 
 
+LOG_BOUNDS = select(func.max(SyncAction.id), select(SyncLogStart.after_sync_id).scalar_subquery())
+
+
+def read_log_bounds(connection: Connection | None = None) -> tuple[int, int]:
+    """Where this database's log starts (0, or above the log init-db wiped) and
+    its head, the greatest syncId, as seen by the current transaction's snapshot."""
+    newest, start = (connection or db.session.connection()).execute(LOG_BOUNDS).one()
+    return start or 0, newest or start or 0
+
+
 def read_head(connection: Connection | None = None) -> int:
-    """The greatest syncId, as seen by the current transaction's snapshot."""
-    reader = connection or db.session
-    return reader.scalar(select(func.max(SyncAction.id))) or read_log_start(connection)
-
-
-def read_log_start(connection: Connection | None = None) -> int:
-    """The cursor this database's log starts from: 0, or above the log init-db wiped."""
-    return (connection or db.session).scalar(select(SyncLogStart.after_sync_id)) or 0
+    return read_log_bounds(connection)[1]
 
 
 # --- 3. Who is calling -----------------------------------------------------
@@ -565,7 +568,7 @@ def bootstrap():
                     yield separator + json.dumps(rows, separators=(",", ":"))[1:-1]
                     separator = ","
                 yield "]"
-            yield f'}},"firstSyncId":{first_sync_id},"syncGroups":{json.dumps(sync_groups)}}}'
+            yield f'}},"firstSyncId":{first_sync_id},"syncGroups":{json.dumps(sync_groups, separators=(",", ":"))}}}'
         finally:
             connection.close()
 
@@ -641,9 +644,7 @@ def sync():
 
 def read_known_head(since: int) -> int:
     """The head, once `since` is known to be a cursor of this database's log."""
-    newest, start = db.session.connection().execute(LOG_BOUNDS).one()
-    log_start = start or 0
-    head = newest or log_start
+    log_start, head = read_log_bounds()
     if not log_start <= since <= head:
         raise ApiError(
             409,
@@ -673,8 +674,7 @@ def read_page(since: int, until: int, limit: int) -> dict[str, Any]:
     return page
 
 
-# A poll is the most frequent request: its statements are built once.
-LOG_BOUNDS = select(func.max(SyncAction.id), select(SyncLogStart.after_sync_id).scalar_subquery())
+# A poll is the most frequent request: its statement is built once.
 VISIBLE_ACTIONS = (
     select(SyncAction.id, SyncAction.action, SyncAction.model_name, SyncAction.model_id, type_coerce(SyncAction.data, Text))
     .where(

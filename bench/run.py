@@ -303,7 +303,7 @@ def main() -> None:
             for _ in range(size["rounds"]):
                 ceilings.append(wrk(noop.url + "/", size["seconds"]))
                 pairs.append((measure(), ceilings[-1]))
-            return merged([rate for rate, _ in pairs]), statistics.median(rate.per_second / noop.per_second for rate, noop in pairs)
+            return merged([rate for rate, _ in pairs]), statistics.median(rate.per_second / ceiling.per_second for rate, ceiling in pairs)
 
         progress("POST /mutate and GET /sync")
         url, path, tokens = new_database(directory, "main")
