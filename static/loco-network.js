@@ -125,7 +125,6 @@ export function createNetworkAdapter({
     } catch (error) {
       // A body cut off mid-way is a network failure even after a 200: for a
       // mutation the retry carries the same transactionId, so it is safe.
-      payload = undefined;
       if (response.ok) return failure("network", response.status, "unreadable_response", describe(error));
     } finally {
       deadline.clear();
