@@ -27,6 +27,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -36,26 +37,12 @@ from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Blueprint, Flask, current_app, g, render_template, request
 from flask.cli import with_appcontext
 from marshmallow import Schema, ValidationError, fields, post_load, validate, validates_schema
-from sqlalchemy import Text, bindparam, delete, event, func, select, text, type_coerce
+from sqlalchemy import event, select
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.schema import CreateIndex, CreateTable, DropTable
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from models import (
-    INT64,
-    MAX_ID_LENGTH,
-    SYNCED_MODELS,
-    ClientTransaction,
-    Group,
-    Membership,
-    SyncAction,
-    SyncActionGroup,
-    SyncedModel,
-    SyncLogStart,
-    User,
-    db,
-    model_id,
-)
+from models import INT64, MAX_ID_LENGTH, SYNCED_MODELS, SyncedModel, db, model_id
 
 api = Blueprint("api", __name__)
 T = TypeVar("T")
@@ -95,9 +82,10 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     with app.app_context():
         configure_sqlite(db.engine, app.config["SQLITE_BUSY_TIMEOUT_MS"])
         app.extensions["log_watcher"] = LogWatcher(db.engine.url.database, app.config["LOG_CHECK_INTERVAL_S"])
-        app.extensions["write_lock"] = WriteLock(db.engine.url.database)
+        app.extensions["writer"] = Writer(db.engine.url.database, app.config)
         # Under the write lock, with busy retries, so server processes starting together do not race.
-        in_write_transaction(lambda: db.metadata.create_all(db.session.connection()))
+        in_write_transaction(create_schema)
+    app.teardown_appcontext(return_connection)
 
     app.register_blueprint(api)
     app.add_url_rule("/openapi.json", view_func=openapi_document)  # not on `api`: it needs no token
@@ -123,6 +111,9 @@ def allow_cross_origin(response):
 
 
 # --- 2. Database setup ------------------------------------------------------
+# The endpoints speak SQL to the driver's own connection (sqlite3's), with the
+# statements in plain sight. SQLAlchemy provides the pool, the connect-time
+# settings and the schema (models.py); its ORM layer cost more than the SQL.
 
 
 def configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
@@ -130,7 +121,7 @@ def configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
     def on_connect(dbapi_connection, _record):
         # Python's sqlite3 driver does not emit BEGIN before a SELECT, so two
         # SELECTs of one "transaction" could read two different snapshots.
-        # Take BEGIN away from the driver and emit it ourselves (on_begin).
+        # Take BEGIN away from the driver and emit it ourselves.
         dbapi_connection.isolation_level = None
         dbapi_connection.execute("PRAGMA journal_mode = WAL")  # readers never block the writer
         dbapi_connection.execute("PRAGMA synchronous = FULL")  # a 200 from /mutate is on disk
@@ -139,14 +130,47 @@ def configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
 
     @event.listens_for(engine, "begin")
     def on_begin(connection):
-        # Writes ask for IMMEDIATE: the write lock is taken at BEGIN, so two
-        # writers queue up instead of deadlocking on a lock upgrade.
-        mode = connection.get_execution_options().get("sqlite_begin", "DEFERRED")
-        connection.exec_driver_sql(f"BEGIN {mode}")
+        # For the bootstrap's SQLAlchemy connection: one snapshot from its first read.
+        connection.exec_driver_sql("BEGIN DEFERRED")
+
+
+def connection() -> sqlite3.Connection:
+    """This request's (or CLI command's) database connection, from the pool; returned at teardown."""
+    if "connection" not in g:
+        g.connection = db.engine.raw_connection()
+    return g.connection
+
+
+def return_connection(_error=None) -> None:
+    pooled = g.pop("connection", None)
+    if pooled is not None:
+        pooled.close()  # back to the pool, which rolls back anything left open
+
+
+@contextmanager
+def read_transaction() -> Iterator[sqlite3.Connection]:
+    """One snapshot for every statement inside, ended before the answer is sent
+    (a held poll must not pin the WAL)."""
+    db_connection = connection()
+    db_connection.execute("BEGIN DEFERRED")
+    try:
+        yield db_connection
+    finally:
+        db_connection.execute("COMMIT")
+
+
+def schema_statements(drop: bool = False) -> list[str]:
+    """The DDL of models.py, idempotent, so processes starting together cannot collide."""
+    tables = db.metadata.sorted_tables
+    if drop:
+        return [str(DropTable(table, if_exists=True).compile(db.engine)) for table in reversed(tables)]
+    statements = [str(CreateTable(table, if_not_exists=True).compile(db.engine)) for table in tables]
+    statements += [str(CreateIndex(index, if_not_exists=True).compile(db.engine)) for table in tables for index in table.indexes]
+    return statements
 
 
 class WriteLock:
-    """One writer at a time, across the threads and processes of this server.
+    """One writer at a time, across the processes of this server.
 
     SQLite lets only one transaction write; a second one waits in SQLite's
     busy handler, which sleeps up to 100 ms between tries, so writers of two
@@ -157,39 +181,37 @@ class WriteLock:
 
     def __init__(self, database: str | None):
         self.path = f"{database}-writer.lock" if database else None  # None: an in-memory database
-        self.threads = threading.Lock()  # a file lock is per process: threads queue here first
         self.file, self.pid = -1, 0
 
     def __enter__(self) -> None:
-        self.threads.acquire()
         if self.path is None:
             return
-        try:
-            if self.pid != os.getpid():  # opened after a fork, so that processes do not share it
-                self.file, self.pid = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600), os.getpid()
-            fcntl.flock(self.file, fcntl.LOCK_EX)
-        except BaseException:
-            self.threads.release()
-            raise
+        if self.pid != os.getpid():  # opened after a fork, so that processes do not share it
+            self.file, self.pid = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600), os.getpid()
+        fcntl.flock(self.file, fcntl.LOCK_EX)
 
     def __exit__(self, *_) -> None:
         if self.path is not None:
             fcntl.flock(self.file, fcntl.LOCK_UN)
-        self.threads.release()
 
 
-LOG_BOUNDS = select(func.max(SyncAction.id), select(SyncLogStart.after_sync_id).scalar_subquery())
+LOG_BOUNDS = "SELECT (SELECT max(id) FROM sync_action), (SELECT after_sync_id FROM sync_log_start)"
 
 
-def read_log_bounds(connection: Connection | None = None) -> tuple[int, int]:
+def read_log_bounds(db_connection: sqlite3.Connection) -> tuple[int, int]:
     """Where this database's log starts (0, or above the log init-db wiped) and
     its head, the greatest syncId, as seen by the current transaction's snapshot."""
-    newest, start = (connection or db.session.connection()).execute(LOG_BOUNDS).one()
+    newest, start = db_connection.execute(LOG_BOUNDS).fetchone()
     return start or 0, newest or start or 0
 
 
-def read_head(connection: Connection | None = None) -> int:
-    return read_log_bounds(connection)[1]
+def read_head(db_connection: sqlite3.Connection) -> int:
+    return read_log_bounds(db_connection)[1]
+
+
+def create_schema(db_connection: sqlite3.Connection) -> None:
+    for statement in schema_statements():
+        db_connection.execute(statement)
 
 
 # --- 3. Who is calling -----------------------------------------------------
@@ -217,9 +239,9 @@ def user_for_token(header: str | None) -> int:
             "`flask --app app create-user` or `seed`."
         )
     user_id = int(match[1])
-    stored = db.session.connection().scalar(TOKEN_OF_USER, {"user_id": user_id})
+    stored = connection().execute("SELECT token_sha256 FROM users WHERE id = ?", (user_id,)).fetchone()
     # Compare hashes in constant time, and compare even when there is no such user.
-    known = hmac.compare_digest(sha256(match[2]), stored or NO_SUCH_TOKEN)
+    known = hmac.compare_digest(sha256(match[2]), stored[0] if stored else NO_SUCH_TOKEN)
     if not (stored and known):
         raise unauthorized("Unknown token.")
     return user_id
@@ -233,33 +255,26 @@ def sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-# Statements of every request, built once (building one costs more than running it)
-# and run on the session's connection, in its transaction, without the ORM's layer.
-TOKEN_OF_USER = select(User.token_sha256).where(User.id == bindparam("user_id"))
-SYNC_GROUPS_OF_USER = select(Membership.sync_group).where(Membership.user_id == bindparam("user_id")).order_by(Membership.sync_group)
+def caller_sync_groups(user_id: int, db_connection: sqlite3.Connection) -> list[str]:
+    memberships = db_connection.execute("SELECT sync_group FROM memberships WHERE user_id = ? ORDER BY sync_group", (user_id,))
+    return ["all", *(sync_group for (sync_group,) in memberships)]
 
 
-def caller_sync_groups(user_id: int, connection: Connection | None = None) -> list[str]:
-    return ["all", *(connection or db.session.connection()).scalars(SYNC_GROUPS_OF_USER, {"user_id": user_id})]
-
-
-def new_user(name: str) -> tuple[int, str]:
+def new_user(db_connection: sqlite3.Connection, name: str) -> tuple[int, str]:
     """Add a user; return its id and token. Only a hash of the secret is
     kept, so this is the one chance to see the token."""
     secret = secrets.token_urlsafe(32)
-    user = User(name=name, token_sha256=sha256(secret))
-    db.session.add(user)
-    db.session.flush()
-    return user.id, f"{user.id}.{secret}"
+    insert = "INSERT INTO users (name, token_sha256) VALUES (?, ?) RETURNING id"
+    (user_id,) = db_connection.execute(insert, (name, sha256(secret))).fetchone()
+    return user_id, f"{user_id}.{secret}"
 
 
-def join(user_id: int, sync_group: str) -> None:
-    if db.session.get(Membership, (user_id, sync_group)) is None:
-        db.session.add(Membership(user_id=user_id, sync_group=sync_group))
+def join(db_connection: sqlite3.Connection, user_id: int, sync_group: str) -> None:
+    db_connection.execute("INSERT OR IGNORE INTO memberships (user_id, sync_group) VALUES (?, ?)", (user_id, sync_group))
 
 
-def leave(user_id: int, sync_group: str) -> None:
-    db.session.execute(delete(Membership).where(Membership.user_id == user_id, Membership.sync_group == sync_group))
+def leave(db_connection: sqlite3.Connection, user_id: int, sync_group: str) -> None:
+    db_connection.execute("DELETE FROM memberships WHERE user_id = ? AND sync_group = ?", (user_id, sync_group))
 
 
 # --- 4. POST /mutate --------------------------------------------------------
@@ -338,42 +353,112 @@ def commit_changes(changes: list[Change], user_id: int, transaction_id: str | No
     holds SQLite's write lock from BEGIN to COMMIT, so transactions commit in
     syncId order and a poller can never see syncId n+1 before n.
     """
-    last_sync_id = in_write_transaction(lambda: apply_transaction(changes, user_id, transaction_id, changes_sha256))
+    last_sync_id = in_write_transaction(lambda db_connection: apply_transaction(db_connection, changes, user_id, transaction_id, changes_sha256))
     log_watcher().advance(last_sync_id)  # wake this process's held polls now, not at the next check
     return last_sync_id
 
 
-def in_write_transaction(work: Callable[[], T]) -> T:
-    """Run `work` in one BEGIN IMMEDIATE transaction and commit it; retry while the database is busy."""
-    config = current_app.config
-    for attempt in range(config["BUSY_RETRIES"] + 1):
+def in_write_transaction(work: Callable[[sqlite3.Connection], T]) -> T:
+    """Run `work` in a write transaction, commit it and return what it returned."""
+    return current_app.extensions["writer"].run(work)
+
+
+class Writer:
+    """Commits the writes of this process, one transaction at a time.
+
+    Writes that arrive while a transaction commits wait their turn together,
+    then share the next transaction and its one fsync (group commit), each
+    inside a savepoint of its own: a write that is refused or fails is rolled
+    back alone, and each one still sees the writes committed before it, as
+    if it ran alone. Whichever waiting thread gets the turn first commits
+    them all. Across processes, writers queue on a file lock (WriteLock).
+    """
+
+    def __init__(self, database: str | None, config: dict[str, Any]):
+        self.lock = WriteLock(database)
+        self.retries, self.backoff_s = config["BUSY_RETRIES"], config["BUSY_BACKOFF_S"]
+        self.turn = threading.Lock()
+        self.queue_lock = threading.Lock()
+        self.queued: list[Write] = []
+
+    def run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        write = Write(work)
+        with self.queue_lock:
+            self.queued.append(write)
+        with self.turn:
+            if not write.done:
+                with self.queue_lock:
+                    batch, self.queued = self.queued, []
+                try:
+                    self.commit(batch, connection())
+                finally:
+                    for waiting in batch:  # never leave a thread without an answer
+                        if not waiting.done:
+                            waiting.fail(RuntimeError("the write transaction was interrupted"))
+        return write.outcome()
+
+    def commit(self, batch: list[Write], db_connection: sqlite3.Connection) -> None:
+        for attempt in range(self.retries + 1):
+            try:
+                with self.lock:
+                    db_connection.execute("BEGIN IMMEDIATE")  # the write lock is taken now, not at the first write
+                    try:
+                        for write in batch:
+                            write.apply(db_connection)
+                        db_connection.execute("COMMIT")
+                    finally:
+                        if db_connection.in_transaction:
+                            db_connection.execute("ROLLBACK")
+                for write in batch:
+                    write.done = True
+                return
+            except sqlite3.OperationalError as error:
+                if not is_busy(error):
+                    for write in batch:
+                        write.fail(error)
+                    return
+            if attempt < self.retries:
+                time.sleep(self.backoff_s * 2**attempt)
+        for write in batch:
+            write.fail(
+                ApiError(
+                    503,
+                    "database_busy",
+                    "The database stayed locked by other writers; nothing was written. Retry shortly.",
+                    type="network",
+                    headers={"Retry-After": "1"},
+                )
+            )
+
+
+class Write:
+    """One caller's work in a shared write transaction, and what came of it."""
+
+    def __init__(self, work: Callable[[sqlite3.Connection], Any]):
+        self.work, self.done = work, False
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def apply(self, db_connection: sqlite3.Connection) -> None:
+        db_connection.execute("SAVEPOINT write")
         try:
-            db.session.close()  # start clean, so BEGIN IMMEDIATE is this transaction's first statement
-            with current_app.extensions["write_lock"]:
-                db.session.connection(execution_options={"sqlite_begin": "IMMEDIATE"})
-                result = work()
-                db.session.commit()
-            return result
-        except OperationalError as error:
-            db.session.rollback()
-            if not is_busy(error):
-                raise
-            if attempt < config["BUSY_RETRIES"]:
-                time.sleep(config["BUSY_BACKOFF_S"] * 2**attempt)
-        except BaseException:
-            db.session.rollback()
-            raise
-    raise ApiError(
-        503,
-        "database_busy",
-        "The database stayed locked by other writers; nothing was written. Retry shortly.",
-        type="network",
-        headers={"Retry-After": "1"},
-    )
+            self.result, self.error = self.work(db_connection), None
+        except Exception as error:
+            db_connection.execute("ROLLBACK TO write")  # undo this write, and only it
+            self.result, self.error = None, error
+        db_connection.execute("RELEASE write")
+
+    def fail(self, error: BaseException) -> None:
+        self.result, self.error, self.done = None, error, True
+
+    def outcome(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.result
 
 
-def is_busy(error: OperationalError) -> bool:
-    return getattr(error.orig, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+def is_busy(error: sqlite3.OperationalError) -> bool:
+    return getattr(error, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 @dataclass
@@ -382,34 +467,35 @@ class Caller:
     sync_groups: set[str]  # as they stand at this point of the transaction
 
 
-def apply_transaction(changes: list[Change], user_id: int, transaction_id: str | None, changes_sha256: str) -> int:
+def apply_transaction(db_connection: sqlite3.Connection, changes: list[Change], user_id: int, transaction_id: str | None, changes_sha256: str) -> int:
     if transaction_id is not None:
-        done = db.session.get(ClientTransaction, (user_id, transaction_id))
+        done = db_connection.execute(
+            "SELECT changes_sha256, last_sync_id FROM client_transaction WHERE user_id = ? AND transaction_id = ?", (user_id, transaction_id)
+        ).fetchone()
         if done is not None:
-            if done.changes_sha256 != changes_sha256:
+            if done[0] != changes_sha256:
                 raise ApiError(
                     409,
                     "transaction_id_reused",
                     f"transactionId {transaction_id!r} was already committed with different changes.",
                 )
-            return done.last_sync_id  # a retry: answer it, write nothing
+            return done[1]  # a retry: answer it, write nothing
     # Read inside the write transaction, so a membership change is either wholly before it or after it.
-    caller = Caller(user_id, set(caller_sync_groups(user_id)))
+    caller = Caller(user_id, set(caller_sync_groups(user_id, db_connection)))
     last_sync_id = 0
     for index, change in enumerate(changes):
-        last_sync_id = apply_change(index, change, caller)
+        last_sync_id = apply_change(db_connection, index, change, caller)
     if transaction_id is not None:
-        db.session.add(
-            ClientTransaction(
-                user_id=user_id, transaction_id=transaction_id, changes_sha256=changes_sha256, last_sync_id=last_sync_id
-            )
+        db_connection.execute(
+            "INSERT INTO client_transaction (user_id, transaction_id, changes_sha256, last_sync_id) VALUES (?, ?, ?, ?)",
+            (user_id, transaction_id, changes_sha256, last_sync_id),
         )
     return last_sync_id
 
 
-def apply_change(index: int, change: Change, caller: Caller) -> int:
+def apply_change(db_connection: sqlite3.Connection, index: int, change: Change, caller: Caller) -> int:
     """Apply one change to its row and log it as a sync action; return its syncId."""
-    model = change.model
+    model, sql = change.model, row_sql(change.model)
 
     def reject(code: str, reason: str, status: int = 409):
         where = f"changes[{index}] ({change.action} {model.name} {change.model_id!r})"
@@ -420,75 +506,98 @@ def apply_change(index: int, change: Change, caller: Caller) -> int:
         if not set(sync_groups) <= caller.sync_groups:
             reject("forbidden", reason, status=403)
 
-    with db.session.no_autoflush:  # check references before the database refuses them
-        row = db.session.get(model.table, change.model_id)
-        if change.action == "create":
-            if row is not None:
-                reject("already_exists", f"{model.name} {change.model_id!r} already exists.")
-            row = model.table(**change.data)
-            sync_groups = model.sync_groups.groups_of(row)
-            if model.owns_sync_group:
-                if has_history(sync_groups):
-                    # Its actions are still linked to the group: a new owner would receive them.
-                    reject("sync_group_reused", f"{model.name} id {change.model_id!r} was used before; choose a new one.")
-                for group in sync_groups:  # whoever creates a sync group is its first member
-                    join(caller.user_id, group)
-                    caller.sync_groups.add(group)
-            authorize(sync_groups, f"you are not a member of {', '.join(sync_groups)}.")
-            check_references(model, row, reject)
-            db.session.add(row)
+    stored = db_connection.execute(sql.select, (change.model_id,)).fetchone()
+    row = None if stored is None else dict(zip(model.columns, stored))
+    if change.action == "create":
+        if row is not None:
+            reject("already_exists", f"{model.name} {change.model_id!r} already exists.")
+        row = change.data
+        sync_groups = model.sync_groups.groups_of(row)
+        if model.owns_sync_group:
+            if has_history(db_connection, sync_groups):
+                # Its actions are still linked to the group: a new owner would receive them.
+                reject("sync_group_reused", f"{model.name} id {change.model_id!r} was used before; choose a new one.")
+            for group in sync_groups:  # whoever creates a sync group is its first member
+                join(db_connection, caller.user_id, group)
+                caller.sync_groups.add(group)
+        authorize(sync_groups, f"you are not a member of {', '.join(sync_groups)}.")
+        check_references(db_connection, model, row, reject)
+        db_connection.execute(sql.insert, [row[column] for column in model.columns])
+    else:
+        if row is None:
+            reject("does_not_exist", f"{model.name} {change.model_id!r} does not exist.")
+        sync_groups = model.sync_groups.groups_of(row)
+        authorize(sync_groups, "the row is outside your sync groups.")  # without saying whose it is
+        if change.action == "update":
+            row.update(change.data)
+            check_references(db_connection, model, row, reject)
+            moved_to = model.sync_groups.groups_of(row)
+            if moved_to != sync_groups:
+                reject(
+                    "sync_groups_changed",
+                    f"this update would move the row from {sync_groups} to {moved_to}. A row keeps its sync "
+                    "groups for its whole life, or clients of the old groups would never see it leave: "
+                    "delete it and create a new one instead.",
+                )
+            db_connection.execute(sql.update, [*(row[column] for column in model.columns[1:]), change.model_id])
         else:
-            if row is None:
-                reject("does_not_exist", f"{model.name} {change.model_id!r} does not exist.")
-            sync_groups = model.sync_groups.groups_of(row)
-            authorize(sync_groups, "the row is outside your sync groups.")  # without saying whose it is
-            if change.action == "update":
-                for attribute, value in change.data.items():
-                    setattr(row, attribute, value)
-                check_references(model, row, reject)
-                moved_to = model.sync_groups.groups_of(row)
-                if moved_to != sync_groups:
-                    reject(
-                        "sync_groups_changed",
-                        f"this update would move the row from {sync_groups} to {moved_to}. A row keeps its sync "
-                        "groups for its whole life, or clients of the old groups would never see it leave: "
-                        "delete it and create a new one instead.",
-                    )
-            else:
-                # A deleted Group keeps its members, so that they receive this delete.
-                check_not_referenced(model, row, reject)
-                db.session.delete(row)
+            # A deleted Group keeps its members, so that they receive this delete.
+            check_not_referenced(db_connection, model, row, reject)
+            db_connection.execute(sql.delete, (change.model_id,))
 
-    sync_action = SyncAction(
-        action={"create": "insert", "update": "update", "delete": "delete"}[change.action],
-        model_name=model.name,
-        model_id=change.model_id,
-        data=None if change.action == "delete" else model.schema.dump(row),  # the full row after the change
-        sync_groups=[SyncActionGroup(sync_group=group) for group in sync_groups],
+    data = None if change.action == "delete" else json.dumps(model.schema.dump(row), separators=(",", ":"))  # the full row after the change
+    (sync_id,) = db_connection.execute(
+        "INSERT INTO sync_action (action, model_name, model_id, data) VALUES (?, ?, ?, ?) RETURNING id",
+        (SYNC_ACTIONS[change.action], model.name, change.model_id, data),
+    ).fetchone()
+    db_connection.executemany(
+        "INSERT INTO sync_action_group (sync_group, sync_action_id) VALUES (?, ?)", [(group, sync_id) for group in sync_groups]
     )
-    db.session.add(sync_action)
-    db.session.flush()
-    return sync_action.id
+    return sync_id
 
 
-def has_history(sync_groups: list[str]) -> bool:
-    linked = select(SyncActionGroup.sync_action_id).where(SyncActionGroup.sync_group.in_(sync_groups)).limit(1)
-    return db.session.scalar(linked) is not None
+SYNC_ACTIONS = {"create": "insert", "update": "update", "delete": "delete"}  # a change's action, as its sync action names it
 
 
-def check_references(model: SyncedModel, row: Any, reject) -> None:
+@dataclass(frozen=True)
+class RowSql:
+    """The statements that read and write one model's rows; columns in model.columns order, id first."""
+
+    select: str
+    insert: str
+    update: str
+    delete: str
+
+
+@functools.cache
+def row_sql(model: SyncedModel) -> RowSql:
+    table, columns = model.table.__tablename__, model.columns
+    return RowSql(
+        select=f"SELECT {', '.join(columns)} FROM {table} WHERE id = ?",
+        insert=f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+        update=f"UPDATE {table} SET {', '.join(f'{column} = ?' for column in columns[1:])} WHERE id = ?",
+        delete=f"DELETE FROM {table} WHERE id = ?",
+    )
+
+
+def has_history(db_connection: sqlite3.Connection, sync_groups: list[str]) -> bool:
+    linked = f"SELECT 1 FROM sync_action_group WHERE sync_group IN ({', '.join('?' * len(sync_groups))}) LIMIT 1"
+    return db_connection.execute(linked, sync_groups).fetchone() is not None
+
+
+def check_references(db_connection: sqlite3.Connection, model: SyncedModel, row: dict[str, Any], reject) -> None:
     for attribute, target in model.references:
-        value = getattr(row, attribute)
-        if db.session.get(target.table, value) is None:
+        value = row[attribute]
+        if db_connection.execute(row_sql(target).select, (value,)).fetchone() is None:
             reject("unknown_reference", f"{model.wire_name(attribute)} {value!r} does not name an existing {target.name}.")
 
 
-def check_not_referenced(model: SyncedModel, row: Any, reject) -> None:
+def check_not_referenced(db_connection: sqlite3.Connection, model: SyncedModel, row: dict[str, Any], reject) -> None:
     for other in SYNCED_MODELS.values():
         for attribute, target in other.references:
-            referring = select(other.table.id).where(getattr(other.table, attribute) == row.id).limit(1)
+            referring = f"SELECT 1 FROM {other.table.__tablename__} WHERE {attribute} = ? LIMIT 1"
             # No count: some of those rows may be in groups the caller cannot see.
-            if target is model and db.session.scalar(referring) is not None:
+            if target is model and db_connection.execute(referring, (row["id"],)).fetchone() is not None:
                 reject("still_referenced", f"{other.name} rows still name it in {other.wire_name(attribute)}; delete them first.")
 
 
@@ -548,12 +657,13 @@ def bootstrap():
     # the rows and firstSyncId come from the same snapshot (see configure_sqlite).
     connection = db.engine.connect()
     try:
-        allowed = caller_sync_groups(g.user_id, connection)
+        connection.begin()
+        allowed = caller_sync_groups(g.user_id, connection.connection.driver_connection)
         sync_groups = allowed if query["type"] == "eager" else query["sync_groups"]
         lacking = [group for group in sync_groups if group not in allowed]
         if lacking:
             raise ApiError(403, "forbidden", f"You are not a member of {', '.join(lacking)}.", type="auth")
-        first_sync_id = read_head(connection)
+        first_sync_id = read_head(connection.connection.driver_connection)
     except BaseException:
         connection.close()
         raise
@@ -626,80 +736,87 @@ class SyncQuerySchema(Schema):
 def sync():
     query = load(shared(SyncQuerySchema), query_args())
     if "since" not in query:  # the handshake
-        return {"sync": [], "lastSyncId": read_head(), "syncGroups": caller_sync_groups(g.user_id), "hasMore": False}
+        with read_transaction() as db_connection:
+            head, sync_groups = read_head(db_connection), caller_sync_groups(g.user_id, db_connection)
+        return {"sync": [], "lastSyncId": head, "syncGroups": sync_groups, "hasMore": False}
 
     since, limit = query["since"], query.get("limit", DEFAULT_LIMIT)
-    head = read_known_head(since)
     # A long poll (wait=) holds an empty answer until an action the caller
     # may see arrives, or the wait ends; then it answers the page as usual.
     deadline = time.monotonic() + min(query.get("wait", 0), current_app.config["MAX_HOLD_S"])
-    page = read_page(since, min(query.get("until", head), head), limit)
-    while "wait" in query and not page["sync"] and not page["hasMore"] and log_watcher().wait_past(page["lastSyncId"], deadline):
+    page = read_page(since, query.get("until"), limit)
+    while "wait" in query and not page["sync"] and not page["hasMore"]:
+        return_connection()  # a held poll holds no connection (and, between statements, no snapshot)
+        if not log_watcher().wait_past(page["lastSyncId"], deadline):
+            break
         # Much can happen during a wait: check the token and the cursor again,
         # or a poll held across `init-db` would serve the new database's log.
         user_for_token(request.headers.get("Authorization"))
-        page = read_page(page["lastSyncId"], read_known_head(page["lastSyncId"]), limit)
+        page = read_page(page["lastSyncId"], None, limit)
     return page_response(page)
 
 
-def read_known_head(since: int) -> int:
-    """The head, once `since` is known to be a cursor of this database's log."""
-    log_start, head = read_log_bounds()
-    if not log_start <= since <= head:
-        raise ApiError(
-            409,
-            "unknown_cursor",
-            f"since={since} is not a cursor of this database, whose log runs from {log_start} to {head}: "
-            "the database was reset after this client synced. Bootstrap again.",
-        )
-    return head
-
-
-def read_page(since: int, until: int, limit: int) -> dict[str, Any]:
-    """The caller's actions in (since, until], `until` at most the head of the
-    current snapshot: the cursor never moves past an action the page did not carry."""
-    sync_groups = caller_sync_groups(g.user_id)
-    # A page scans `limit` syncIds and returns those the caller may see. The
-    # cursor moves past the ones it may not, so a long run of them can never
-    # make a request slow or stall a client.
-    cursor = min(until, since + limit)
-    actions = db.session.connection().execute(VISIBLE_ACTIONS, {"sync_groups": sync_groups, "since": since, "cursor": cursor})
-    page = {
-        "sync": [sync_action_json(*action) for action in actions],  # encoded already: see page_response
-        "lastSyncId": cursor,
-        "syncGroups": sync_groups,
-        "hasMore": cursor < until,
-    }
-    db.session.close()  # end the snapshot: a held poll must not pin the WAL or a connection
-    return page
-
-
-# A poll is the most frequent request: its statement is built once.
-VISIBLE_ACTIONS = (
-    select(SyncAction.id, SyncAction.action, SyncAction.model_name, SyncAction.model_id, type_coerce(SyncAction.data, Text))
-    .where(
-        SyncAction.id.in_(
-            select(SyncActionGroup.sync_action_id).where(
-                SyncActionGroup.sync_group.in_(bindparam("sync_groups", expanding=True)),
-                SyncActionGroup.sync_action_id > bindparam("since"),
-                SyncActionGroup.sync_action_id <= bindparam("cursor"),
-            )
-        )
+def unknown_cursor(since: int, log_start: int, head: int) -> ApiError:
+    return ApiError(
+        409,
+        "unknown_cursor",
+        f"since={since} is not a cursor of this database, whose log runs from {log_start} to {head}: "
+        "the database was reset after this client synced. Bootstrap again.",
     )
-    .order_by(SyncAction.id)
+
+
+def read_page(since: int, until: int | None, limit: int) -> dict[str, Any]:
+    """The caller's actions in (since, until], `until` at most the head: the
+    cursor never moves past an action the page did not carry."""
+    params = {"user_id": g.user_id, "since": since, "until": INT64[1] if until is None else until, "limit": limit}
+    log_start, head, cursor, sync_groups, actions = connection().execute(PAGE, params).fetchone()
+    if not log_start <= since <= head:
+        raise unknown_cursor(since, log_start, head)
+    return {"sync": actions, "lastSyncId": cursor, "syncGroups": sync_groups, "hasMore": cursor < min(head, params["until"])}
+
+
+# A poll is one statement, so it reads one snapshot without BEGIN and COMMIT:
+# where the log starts and ends, the caller's sync groups, and the page of
+# actions they may see, encoded as the wire's JSON by SQLite. A page scans
+# `limit` syncIds and returns those the caller may see; the cursor moves past
+# the ones it may not, so a long run of them can never make a request slow or
+# stall a client. (Every statement a request runs hands the GIL to another
+# thread and waits to get it back: one statement instead of six made a poll
+# under gunicorn about twice as fast.)
+PAGE = """
+WITH log(log_start, head) AS (
+    SELECT log_start, coalesce((SELECT max(id) FROM sync_action), log_start)
+    FROM (SELECT coalesce((SELECT after_sync_id FROM sync_log_start), 0) AS log_start)
+),
+caller_groups(sync_group) AS (
+    SELECT 'all' UNION ALL SELECT sync_group FROM memberships WHERE user_id = :user_id
+),
+page(cursor) AS (
+    SELECT min(:until, head, :since + :limit) FROM log
+),
+visible(wire) AS (
+    SELECT CASE WHEN data IS NULL OR data = 'null'  -- a delete; 'null' as older versions stored it
+        THEN json_object('syncId', id, 'action', action, 'modelName', model_name, 'modelId', model_id)
+        ELSE json_object('syncId', id, 'action', action, 'modelName', model_name, 'modelId', model_id, 'data', json(data))
+    END
+    FROM sync_action
+    WHERE id IN (
+        SELECT sync_action_id FROM sync_action_group  -- an index range scan per group: see models.py
+        WHERE sync_group IN caller_groups AND sync_action_id > :since AND sync_action_id <= (SELECT cursor FROM page)
+    )
+    ORDER BY id  -- kept by group_concat: SQLite never flattens an ordered subquery into an aggregate
 )
-
-
-def sync_action_json(sync_id: int, action: str, model_name: str, model_id: str, data: str | None) -> str:
-    """A sync action as wire JSON. Its row was stored as JSON, and goes out as stored:
-    decoding and encoding it again was most of what a page cost."""
-    wire = f'{{"syncId":{sync_id},"action":"{action}","modelName":{json.dumps(model_name)},"modelId":{json.dumps(model_id)}'
-    return wire + ("}" if data in (None, "null") else f',"data":{data}}}')
+SELECT log_start, head, cursor,
+    (SELECT json_group_array(sync_group) FROM (SELECT sync_group FROM caller_groups ORDER BY sync_group != 'all', sync_group)),
+    (SELECT coalesce(group_concat(wire, ','), '') FROM visible)
+FROM log, page
+"""
 
 
 def page_response(page: dict[str, Any]):
+    """`sync` and `syncGroups` arrive as JSON text already."""
     body = '{"sync":[%s],"lastSyncId":%d,"syncGroups":%s,"hasMore":%s}' % (
-        ",".join(page["sync"]), page["lastSyncId"], json.dumps(page["syncGroups"], separators=(",", ":")), "true" if page["hasMore"] else "false"
+        page["sync"], page["lastSyncId"], page["syncGroups"], "true" if page["hasMore"] else "false"
     )
     return current_app.response_class(body, mimetype="application/json")
 
@@ -1075,16 +1192,17 @@ def describe(messages: Any, path: str = "") -> list[str]:
 def init_db_command():
     """Drop every table and create them empty."""
 
-    def reset():
-        old_head, connection = read_head(), db.session.connection()
-        db.metadata.drop_all(connection)
-        db.metadata.create_all(connection)
+    def reset(db_connection):
+        old_head = read_head(db_connection)
+        for statement in schema_statements(drop=True):
+            db_connection.execute(statement)
+        create_schema(db_connection)
         if old_head:
             # Start the new log above the old one, so /sync can tell a client
             # that still holds a cursor of the wiped database to bootstrap again.
             log_start = old_head + 1
-            db.session.add(SyncLogStart(after_sync_id=log_start))
-            connection.execute(text("INSERT INTO sqlite_sequence (name, seq) VALUES ('sync_action', :seq)"), {"seq": log_start})
+            db_connection.execute("INSERT INTO sync_log_start (after_sync_id) VALUES (?)", (log_start,))
+            db_connection.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('sync_action', ?)", (log_start,))
 
     in_write_transaction(reset)
     click.echo(f"Initialized an empty database at {db.engine.url.database}")
@@ -1113,14 +1231,14 @@ SEED_CHANGES = [
 
 def seed_demo() -> tuple[dict[str, str], int]:
     """Create the demo users Ada and Grace and the demo rows; return their tokens."""
-    if db.session.scalar(select(func.count()).select_from(User)):
-        raise click.ClickException("The database already has users; run `flask --app app init-db` to start over.")
     changes = load(MutateSchema(), {"changes": SEED_CHANGES})["changes"]
 
-    def seed():
-        (ada, ada_token), (grace, grace_token) = new_user("Ada"), new_user("Grace")
-        last_sync_id = apply_transaction(changes, ada, None, "")  # Ada creates g1 and g2, so joins both
-        join(grace, "group:g1")
+    def seed(db_connection):
+        if db_connection.execute("SELECT 1 FROM users LIMIT 1").fetchone():
+            raise click.ClickException("The database already has users; run `flask --app app init-db` to start over.")
+        (ada, ada_token), (grace, grace_token) = new_user(db_connection, "Ada"), new_user(db_connection, "Grace")
+        last_sync_id = apply_transaction(db_connection, changes, ada, None, "")  # Ada creates g1 and g2, so joins both
+        join(db_connection, grace, "group:g1")
         return {"Ada": ada_token, "Grace": grace_token}, last_sync_id
 
     return in_write_transaction(seed)
@@ -1151,11 +1269,11 @@ def demo_fragment(tokens: dict[str, str]) -> str:
 def create_user_command(name: str, group_ids: tuple[str, ...]):
     """Add a user and print its token (shown only now)."""
 
-    def create():
-        require_groups(group_ids)
-        user_id, token = new_user(name)
+    def create(db_connection):
+        require_groups(db_connection, group_ids)
+        user_id, token = new_user(db_connection, name)
         for group_id in group_ids:
-            join(user_id, f"group:{group_id}")
+            join(db_connection, user_id, f"group:{group_id}")
         return user_id, token
 
     user_id, token = in_write_transaction(create)
@@ -1169,10 +1287,10 @@ def create_user_command(name: str, group_ids: tuple[str, ...]):
 def add_member_command(user_id: int, group_id: str):
     """Give a user the sync group of a Group; it takes effect on the user's next request."""
 
-    def add():
-        require_user(user_id)
-        require_groups([group_id])
-        join(user_id, f"group:{group_id}")
+    def add(db_connection):
+        require_user(db_connection, user_id)
+        require_groups(db_connection, [group_id])
+        join(db_connection, user_id, f"group:{group_id}")
 
     in_write_transaction(add)
     click.echo(f"User {user_id} is a member of group:{group_id}.")
@@ -1185,20 +1303,20 @@ def add_member_command(user_id: int, group_id: str):
 def remove_member_command(user_id: int, group_id: str):
     """Take a Group's sync group from a user; its next request no longer sees that group."""
 
-    def remove():
-        require_user(user_id)
-        leave(user_id, f"group:{group_id}")
+    def remove(db_connection):
+        require_user(db_connection, user_id)
+        leave(db_connection, user_id, f"group:{group_id}")
 
     in_write_transaction(remove)
     click.echo(f"User {user_id} is not a member of group:{group_id}.")
 
 
-def require_user(user_id: int) -> None:
-    if db.session.get(User, user_id) is None:
+def require_user(db_connection: sqlite3.Connection, user_id: int) -> None:
+    if db_connection.execute("SELECT 1 FROM users WHERE id = ?", (user_id,)).fetchone() is None:
         raise click.ClickException(f"There is no user {user_id}.")
 
 
-def require_groups(group_ids) -> None:
+def require_groups(db_connection: sqlite3.Connection, group_ids) -> None:
     for group_id in group_ids:
-        if db.session.get(Group, group_id) is None:
+        if db_connection.execute(row_sql(SYNCED_MODELS["Group"]).select, (group_id,)).fetchone() is None:
             raise click.ClickException(f"There is no Group {group_id!r}.")

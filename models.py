@@ -37,7 +37,7 @@ INT64 = (-(2**63), 2**63 - 1)
 class Everyone:
     """Rows in the sync group `all`, which every user has."""
 
-    def groups_of(self, row: Any) -> list[str]:
+    def groups_of(self, row: dict[str, Any]) -> list[str]:
         return ["all"]
 
     def rows_in(self, table: type[db.Model], sync_groups: list[str]) -> ColumnElement[bool]:
@@ -50,8 +50,8 @@ class InGroup:
 
     column: str
 
-    def groups_of(self, row: Any) -> list[str]:
-        return [f"group:{getattr(row, self.column)}"]
+    def groups_of(self, row: dict[str, Any]) -> list[str]:
+        return [f"group:{row[self.column]}"]
 
     def rows_in(self, table: type[db.Model], sync_groups: list[str]) -> ColumnElement[bool]:
         ids = [g.removeprefix("group:") for g in sync_groups if g.startswith("group:")]
@@ -70,6 +70,12 @@ class SyncedModel:
 
     def wire_name(self, attribute: str) -> str:
         return self.schema.fields[attribute].data_key or attribute
+
+    @functools.cached_property
+    def columns(self) -> list[str]:
+        """The table's columns, id first; a row is a dict keyed by them (they are also its attribute names)."""
+        names = [column.name for column in self.table.__table__.columns]
+        return ["id", *(name for name in names if name != "id")]
 
     @functools.cached_property
     def wire_columns(self) -> list[tuple[str, Any]]:

@@ -56,13 +56,13 @@ def new_database(directory: Path, name: str) -> tuple[str, str, dict[str, str]]:
     changes = [{"action": "create", "modelName": "Author", "modelId": "a1", "data": {"id": "a1", "name": "Ada"}}]
     changes += [{"action": "create", "modelName": "Group", "modelId": f"g{n}", "data": {"id": f"g{n}", "name": f"Group {n}"}} for n in range(GROUPS)]
 
-    def seed():
-        (everyone, everyone_token), (one, one_token) = new_user("in every group"), new_user("in group:g0 only")
-        typical, typical_token = new_user("in group:g0 and group:g1")
-        apply_transaction(load(MutateSchema(), {"changes": changes})["changes"], everyone, None, "")  # joins every group
-        join(one, "group:g0")
-        join(typical, "group:g0")
-        join(typical, "group:g1")
+    def seed(db_connection):
+        (everyone, everyone_token), (one, one_token) = new_user(db_connection, "in every group"), new_user(db_connection, "in group:g0 only")
+        typical, typical_token = new_user(db_connection, "in group:g0 and group:g1")
+        apply_transaction(db_connection, load(MutateSchema(), {"changes": changes})["changes"], everyone, None, "")  # joins every group
+        join(db_connection, one, "group:g0")
+        join(db_connection, typical, "group:g0")
+        join(db_connection, typical, "group:g1")
         return {"every": everyone_token, "one": one_token, "typical": typical_token}
 
     with app.app_context():

@@ -14,10 +14,10 @@ from models import SYNCED_MODELS
 def sign_in(app, name: str = "Ada", *sync_groups: str):
     """A test client that sends a new user's token; the user has `all` and `sync_groups`."""
 
-    def create():
-        user_id, token = new_user(name)
+    def create(db_connection):
+        user_id, token = new_user(db_connection, name)
         for sync_group in sync_groups:
-            join(user_id, sync_group)
+            join(db_connection, user_id, sync_group)
         return user_id, token
 
     with app.app_context():
@@ -37,7 +37,7 @@ def same_user(app, client):
 
 def set_member(app, client, sync_group: str, member: bool = True) -> None:
     with app.app_context():
-        in_write_transaction(lambda: (join if member else leave)(client.user_id, sync_group))
+        in_write_transaction(lambda db_connection: (join if member else leave)(db_connection, client.user_id, sync_group))
 
 
 def create(model: str, model_id: str, **fields: Any) -> dict:

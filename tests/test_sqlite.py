@@ -26,18 +26,22 @@ def test_connections_use_wal_full_sync_foreign_keys_and_a_busy_timeout(app):
 
 
 def record_statements(app, by_connection: dict | None = None) -> list[str]:
-    """The statements the app sends from now on: 'BEGIN <mode>' or the first keyword
+    """The statements SQLite runs for the app from now on: 'BEGIN <mode>' or the first keyword
     (also in `by_connection`, per database connection, if given)."""
     statements: list[str] = []
 
-    def record(connection, _cursor, statement, *_):
-        words = statement.split()
-        statements.append(" ".join(words[:2]) if words[0] == "BEGIN" else words[0])
-        if by_connection is not None:
-            by_connection.setdefault(id(connection.connection.dbapi_connection), []).append(statements[-1])
+    def recorder(dbapi_connection, _record):
+        def record(statement):
+            words = statement.split()
+            statements.append(" ".join(words[:2]) if words[0] == "BEGIN" else words[0])
+            if by_connection is not None:
+                by_connection.setdefault(id(dbapi_connection), []).append(statements[-1])
+
+        dbapi_connection.set_trace_callback(record)
 
     with app.app_context():
-        event.listen(db.engine, "before_cursor_execute", record)
+        db.engine.dispose()  # every connection from now on is a new one, traced
+        event.listen(db.engine, "connect", recorder)
     return statements
 
 

@@ -101,21 +101,40 @@ def test_replaying_the_log_from_zero_reproduces_the_rows(seeded):
 
 
 def test_the_cursor_never_passes_an_action_the_response_did_not_carry(app, seeded, monkeypatch):
-    """A writer commits after the endpoint has read the head: the page stops
-    at that head, and the next poll returns the new action."""
-    read_known_head = app_module.read_known_head
+    """A writer commits while the poll's statement is running (SQLite's progress
+    handler pauses it half-way): the page and its cursor stop at the head the
+    statement started from, and the next poll returns the new action."""
+    connection = app_module.connection
+    committed = []
 
-    def read_head_then_a_concurrent_commit(since):
-        head = read_known_head(since)
-        writer = threading.Thread(target=lambda: mutate(same_user(app, seeded), todo("t2", "g1")))
-        writer.start()
-        writer.join()
-        return head
+    def commit_once():
+        if not committed:
+            writer = threading.Thread(target=lambda: committed.append(mutate(same_user(app, seeded), todo("t2", "g1"))))
+            writer.start()
+            writer.join()
+        return 0  # go on with the statement
 
-    monkeypatch.setattr(app_module, "read_known_head", read_head_then_a_concurrent_commit)
+    class PausingConnection:
+        def __init__(self, db_connection):
+            self.db_connection = db_connection
+
+        def execute(self, sql, *params):
+            if sql is not app_module.PAGE:
+                return self.db_connection.execute(sql, *params)
+            self.db_connection.set_progress_handler(commit_once, 50)
+            try:
+                return self.db_connection.execute(sql, *params)
+            finally:
+                self.db_connection.set_progress_handler(None, 0)
+
+        def __getattr__(self, name):
+            return getattr(self.db_connection, name)
+
+    monkeypatch.setattr(app_module, "connection", lambda: PausingConnection(connection()))
     body = seeded.get("/sync?since=4").get_json()
     monkeypatch.undo()
 
+    assert committed == [{"lastSyncId": 6}]  # the writer did commit while the poll read
     assert ([a["syncId"] for a in body["sync"]], body["lastSyncId"]) == ([5], 5)
     assert [a["syncId"] for a in seeded.get("/sync?since=5").get_json()["sync"]] == [6]
 
