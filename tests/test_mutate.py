@@ -1,8 +1,11 @@
 """POST /mutate: rows and sync actions written together, all or nothing."""
 
 import sqlite3
+import threading
+import time
 
 import pytest
+from sqlalchemy import event
 
 from helpers import (
     assert_error,
@@ -12,10 +15,12 @@ from helpers import (
     group,
     mutate,
     read_log,
+    same_user,
     snapshot,
     todo,
     update,
 )
+from models import db
 
 
 def test_create_writes_the_row_and_an_insert_action_with_the_full_row(seeded):
@@ -237,3 +242,48 @@ def test_every_invalid_change_is_reported_and_the_valid_ones_are_not_written(app
     assert set(error["details"]["changes"]) == {"1", "3"}
     assert "changes.1.data.isDone" in error["message"] and "changes.3.modelName" in error["message"]
     assert snapshot(app) == before
+
+
+def test_writes_that_wait_together_share_one_commit_and_a_refused_one_is_rolled_back_alone(app, seeded):
+    """Group commit: while a transaction commits, the writes that arrive wait;
+    then one of them commits them all in one transaction, each in a savepoint."""
+    writer = app.extensions["writer"]
+    statements = []
+    with app.app_context():
+        db.engine.dispose()  # new connections from now on, traced
+        event.listen(db.engine, "connect", lambda dbapi_connection, _: dbapi_connection.set_trace_callback(statements.append))
+    answers = {}
+
+    def send(name, *changes):
+        response = same_user(app, seeded).post("/mutate", json={"changes": list(changes)})
+        answers[name] = (response.status_code, response.get_json())
+
+    writer.turn.acquire()  # as if a transaction were committing
+    threads = [
+        threading.Thread(target=send, args=("t2", todo("t2", "g1"))),
+        threading.Thread(target=send, args=("t1 again", todo("t1", "g1"))),  # already exists: refused
+        threading.Thread(target=send, args=("t3 and t4", todo("t3", "g2"), todo("t4", "g2"))),
+    ]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 10
+    while len(writer.queued) < len(threads) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(writer.queued) == len(threads)
+    statements.clear()
+    writer.turn.release()
+    for thread in threads:
+        thread.join()
+
+    writes = [s.split()[0] for s in statements if s.split()[0] in ("BEGIN", "SAVEPOINT", "ROLLBACK", "RELEASE", "COMMIT")]
+    assert writes.count("BEGIN") == writes.count("COMMIT") == 1  # one transaction, one fsync
+    assert writes.count("SAVEPOINT") == 3 and writes.count("ROLLBACK") == 1  # the refused write alone undone
+    assert answers["t1 again"][0] == 409 and answers["t1 again"][1]["error"]["code"] == "already_exists"
+    assert answers["t2"][0] == answers["t3 and t4"][0] == 200
+    # The two accepted writes got syncIds 6 to 8 in some order, each one's own contiguous.
+    last = sorted(answer[1]["lastSyncId"] for name, answer in answers.items() if name != "t1 again")
+    assert last in ([6, 8], [7, 8])
+    log = read_log(seeded, since=5)
+    assert [a["syncId"] for a in log] == [6, 7, 8]
+    assert sorted(a["modelId"] for a in log) == ["t2", "t3", "t4"]
+    assert [a["modelId"] for a in log if a["modelId"] != "t2"] == ["t3", "t4"]
