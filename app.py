@@ -371,30 +371,37 @@ class Writer:
     inside a savepoint of its own: a write that is refused or fails is rolled
     back alone, and each one still sees the writes committed before it, as
     if it ran alone. Whichever waiting thread gets the turn first commits
-    them all. Across processes, writers queue on a file lock (WriteLock).
+    them all; the others wait on a condition, not on a lock, so each one
+    returns the moment its transaction has committed. Across processes,
+    writers queue on a file lock (WriteLock).
     """
 
     def __init__(self, database: str | None, config: dict[str, Any]):
         self.lock = WriteLock(database)
         self.retries, self.backoff_s = config["BUSY_RETRIES"], config["BUSY_BACKOFF_S"]
-        self.turn = threading.Lock()
-        self.queue_lock = threading.Lock()
+        self.changed = threading.Condition()
+        self.committing = False  # some thread is committing a transaction of this process
         self.queued: list[Write] = []
 
     def run(self, work: Callable[[sqlite3.Connection], T]) -> T:
         write = Write(work)
-        with self.queue_lock:
+        with self.changed:
             self.queued.append(write)
-        with self.turn:
-            if not write.done:
-                with self.queue_lock:
-                    batch, self.queued = self.queued, []
-                try:
-                    self.commit(batch, connection())
-                finally:
-                    for waiting in batch:  # never leave a thread without an answer
-                        if not waiting.done:
-                            waiting.fail(RuntimeError("the write transaction was interrupted"))
+            while self.committing and not write.done:
+                self.changed.wait()
+            if write.done:  # another thread committed it
+                return write.outcome()
+            self.committing = True
+            batch, self.queued = self.queued, []
+        try:
+            self.commit(batch, connection())
+        finally:
+            with self.changed:
+                for waiting in batch:  # never leave a thread without an answer
+                    if not waiting.done:
+                        waiting.fail(RuntimeError("the write transaction was interrupted"))
+                self.committing = False
+                self.changed.notify_all()
         return write.outcome()
 
     def commit(self, batch: list[Write], db_connection: sqlite3.Connection) -> None:

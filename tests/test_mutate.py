@@ -258,7 +258,8 @@ def test_writes_that_wait_together_share_one_commit_and_a_refused_one_is_rolled_
         response = same_user(app, seeded).post("/mutate", json={"changes": list(changes)})
         answers[name] = (response.status_code, response.get_json())
 
-    writer.turn.acquire()  # as if a transaction were committing
+    with writer.changed:
+        writer.committing = True  # as if a transaction were committing
     threads = [
         threading.Thread(target=send, args=("t2", todo("t2", "g1"))),
         threading.Thread(target=send, args=("t1 again", todo("t1", "g1"))),  # already exists: refused
@@ -271,7 +272,9 @@ def test_writes_that_wait_together_share_one_commit_and_a_refused_one_is_rolled_
         time.sleep(0.01)
     assert len(writer.queued) == len(threads)
     statements.clear()
-    writer.turn.release()
+    with writer.changed:
+        writer.committing = False
+        writer.changed.notify_all()
     for thread in threads:
         thread.join()
 
