@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-WORKERS, THREADS = 2, 8
+WORKERS, THREADS = 4, 4  # two processes a core: see the README's Performance section
 
 
 class Gunicorn:
-    """`gunicorn --workers 2 --threads 8 'app:create_app()'` on a free port, on one database."""
+    """`gunicorn --workers 4 --threads 4 'app:create_app()'` on a free port, on one database."""
 
     def __init__(self, database_url: str, log_path: Path, workers: int = WORKERS, app: str = "app:create_app()"):
         self.database_url, self.log_path, self.workers, self.app = database_url, log_path, workers, app
