@@ -4,14 +4,35 @@ import pytest
 from werkzeug.serving import make_server
 
 from app import create_app
-from helpers import create, group, mutate, sign_in, todo
+from helpers import ENGINES, create, fresh_database, group, mutate, sign_in, todo
 from models import db
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "sqlite_only(reason): the test is about SQLite itself; skipped on other engines")
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request) -> str:
+    """Every test that touches a database runs on each engine: sqlite, and
+    postgresql when TEST_DATABASE_URL is set."""
+    sqlite_only = request.node.get_closest_marker("sqlite_only")
+    if sqlite_only and request.param != "sqlite":
+        pytest.skip(f"SQLite only: {sqlite_only.args[0]}")
+    return request.param
+
+
 @pytest.fixture
-def app(tmp_path):
-    """An app on its own fresh SQLite file."""
-    app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path / 'loco.sqlite3'}"})
+def database_url(engine, tmp_path):
+    """A new, empty database of the engine: a SQLite file, or a PostgreSQL schema of its own."""
+    with fresh_database(engine, tmp_path) as url:
+        yield url
+
+
+@pytest.fixture
+def app(database_url):
+    """An app on its own fresh database."""
+    app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": database_url})
     yield app
     with app.app_context():
         db.engine.dispose()

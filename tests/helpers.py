@@ -1,14 +1,112 @@
-"""Change builders and log checks shared by the tests."""
+"""Change builders, the database under test, and log checks shared by the tests."""
 
 from __future__ import annotations
 
-import sqlite3
+import os
+import secrets
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
+
+import pytest
+import sqlalchemy
+from sqlalchemy import text
+from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.pool import NullPool
 
 from app import in_write_transaction, join, leave, new_user
 from models import SYNCED_MODELS
+
+# --- The database under test: SQLite always, PostgreSQL when TEST_DATABASE_URL is set ---
+
+POSTGRESQL_EXAMPLE = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+ENGINES = [
+    pytest.param("sqlite", id="sqlite"),
+    pytest.param(
+        "postgresql",
+        id="postgresql",
+        marks=pytest.mark.skipif(
+            not os.environ.get("TEST_DATABASE_URL"), reason=f"PostgreSQL tests need TEST_DATABASE_URL, e.g. {POSTGRESQL_EXAMPLE}"
+        ),
+    ),
+]
+
+
+def postgresql_url() -> URL:
+    url = make_url(os.environ["TEST_DATABASE_URL"])
+    return url.set(drivername="postgresql+psycopg") if url.drivername == "postgresql" else url  # psycopg 3, not psycopg2
+
+
+@contextmanager
+def fresh_database(engine: str, directory: str | Path) -> Iterator[str]:
+    """The SQLAlchemy URL of a new, empty database of `engine` ("sqlite" or
+    "postgresql"): a file in `directory`, or a schema of its own in
+    TEST_DATABASE_URL, so that runs and tests never share tables. The schema
+    is dropped afterwards; dispose of the app's engine first."""
+    if engine == "sqlite":
+        url = f"sqlite:///{Path(directory) / 'loco.sqlite3'}"
+        try:
+            yield url
+        finally:
+            forget_reader(url)
+        return
+    base = postgresql_url()
+    schema = f"loco_{secrets.token_hex(8)}"
+    admin = sqlalchemy.create_engine(base, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f"CREATE SCHEMA {schema}"))
+    # libpq's options set the search path of every connection; the
+    # application_name finds any connection left open at the end.
+    url = base.update_query_dict({"options": f"-csearch_path={schema}", "application_name": schema})
+    url = url.render_as_string(hide_password=False)
+    try:
+        yield url
+    finally:
+        forget_reader(url)
+        with admin.connect() as connection:
+            # A connection left idle in a transaction would make DROP SCHEMA wait forever.
+            connection.execute(
+                text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = :schema AND pid <> pg_backend_pid()"),
+                {"schema": schema},
+            )
+            connection.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
+
+
+READERS: dict[str, Engine] = {}
+
+
+def url_of(app_or_url) -> str:
+    return app_or_url if isinstance(app_or_url, str) else app_or_url.config["SQLALCHEMY_DATABASE_URI"]
+
+
+def reader(app_or_url) -> Engine:
+    """An engine of the tests' own on the app's database (not the app's pool),
+    to read and write its tables directly, on either engine."""
+    url = url_of(app_or_url)
+    if url not in READERS:
+        READERS[url] = sqlalchemy.create_engine(url)
+    return READERS[url]
+
+
+def forget_reader(url: str) -> None:
+    engine = READERS.pop(url, None)
+    if engine is not None:
+        engine.dispose()
+
+
+def query(app_or_url, sql: str, **params: Any) -> list[tuple]:
+    with reader(app_or_url).connect() as connection:
+        return [tuple(row) for row in connection.execute(text(sql), params)]
+
+
+def database_path(app) -> str:
+    """The SQLite file, for the tests that are about SQLite itself."""
+    return app.config["SQLALCHEMY_DATABASE_URI"].removeprefix("sqlite:///")
+
 
 
 def sign_in(app, name: str = "Ada", *sync_groups: str):
@@ -83,16 +181,13 @@ def assert_error(response, status: int, code: str, type: str = "server") -> dict
     return error
 
 
-def database_path(app) -> str:
-    return app.config["SQLALCHEMY_DATABASE_URI"].removeprefix("sqlite:///")
-
-
 def snapshot(app) -> dict[str, list[tuple]]:
-    """Every table's rows, read straight from the file: compare two to prove nothing was written."""
+    """Every table's rows, read straight from the database: compare two to prove nothing was written.
+    Sorted here, not by ORDER BY, so that no collation decides the order."""
     tables = [m.table.__tablename__ for m in SYNCED_MODELS.values()]
     tables += ["sync_action", "sync_action_group", "client_transaction", "users", "memberships"]
-    with sqlite3.connect(database_path(app)) as connection:
-        return {table: connection.execute(f"SELECT * FROM {table} ORDER BY 1, 2").fetchall() for table in tables}
+    with reader(app).connect() as connection:
+        return {table: sorted((tuple(row) for row in connection.execute(text(f"SELECT * FROM {table}"))), key=repr) for table in tables}
 
 
 def replay(actions: list[dict], rows: dict[str, dict[str, dict]] | None = None) -> dict[str, dict[str, dict]]:
@@ -148,34 +243,57 @@ def random_transaction(rng, writer: int, number: int, groups: list[str], alive: 
     return changes
 
 
+def transaction_sync_ids(last_sync_id: int, changes: list[dict]) -> range:
+    """The syncIds of a transaction: one per change, contiguous, ending at its lastSyncId."""
+    return range(last_sync_id - len(changes) + 1, last_sync_id + 1)
+
+
 def assert_acknowledged_in_log(log: list[dict], acknowledged) -> None:
-    """Each (lastSyncId, changes) is in the log, whole and contiguous, ending at its lastSyncId."""
+    """Each (lastSyncId, changes) is in the log, whole and contiguous, ending at its lastSyncId.
+    Looked up by syncId, not by position: a PostgreSQL log may have holes."""
+    by_sync_id = {action["syncId"]: action for action in log}
     for last_sync_id, changes in acknowledged:
-        mine = log[last_sync_id - len(changes) : last_sync_id]
-        assert [(a["modelId"], a["action"]) for a in mine] == [
+        mine = [by_sync_id.get(sync_id) for sync_id in transaction_sync_ids(last_sync_id, changes)]
+        assert [a and (a["modelId"], a["action"]) for a in mine] == [
             (c["modelId"], {"create": "insert"}.get(c["action"], c["action"])) for c in changes
         ], f"transaction ending at {last_sync_id} is not in the log as acknowledged"
 
 
-def file_rows(database: str) -> dict[str, list[dict]]:
-    """Every synced row, read straight from the file, as the wire shows it."""
+def assert_log_holds_exactly(log: list[dict], transactions, engine: str) -> None:
+    """The log is the actions of these (lastSyncId, changes) and nothing else,
+    in ascending syncId order, none repeated: each transaction whole and
+    contiguous, ending at its lastSyncId. SQLite never leaves a hole between
+    syncIds; a PostgreSQL sequence may (a transaction rolled back after taking
+    ids), so there only each transaction's own syncIds must be contiguous."""
+    sync_ids = [action["syncId"] for action in log]
+    assert sync_ids == sorted(set(sync_ids)), "syncIds repeated or out of order"
+    assert_acknowledged_in_log(log, transactions)
+    claimed = sorted(sync_id for last_sync_id, changes in transactions for sync_id in transaction_sync_ids(last_sync_id, changes))
+    assert sync_ids == claimed, "the log holds actions no acknowledged transaction wrote, or two claim one syncId"
+    if engine == "sqlite":
+        assert sync_ids == list(range(1, len(sync_ids) + 1)), "the log has a hole"
+
+
+def file_rows(app_or_url_or_connection) -> dict[str, list[dict]]:
+    """Every synced row, read straight from the database (or on this connection), as the wire shows it."""
+    if not isinstance(app_or_url_or_connection, sqlalchemy.Connection):
+        with reader(app_or_url_or_connection).connect() as connection:
+            return file_rows(connection)
     rows = {}
-    with sqlite3.connect(database) as connection:
-        for name, model in SYNCED_MODELS.items():
-            columns = model.table.__table__.columns
-            found = connection.execute(f"SELECT {', '.join(c.name for c in columns)} FROM {model.table.__tablename__}")
-            # SQLite stores a boolean as 0 or 1: give each value its column's Python type back.
-            typed = [{c.key: c.type.python_type(v) for c, v in zip(columns, values)} for values in found]
-            rows[name] = model.schema.dump(typed, many=True)
+    for name, model in SYNCED_MODELS.items():
+        columns = model.table.__table__.columns
+        found = app_or_url_or_connection.execute(text(f"SELECT {', '.join(c.name for c in columns)} FROM {model.table.__tablename__}"))
+        # SQLite stores a boolean as 0 or 1: give each value its column's Python type back.
+        typed = [{c.key: c.type.python_type(v) for c, v in zip(columns, values)} for values in found]
+        rows[name] = model.schema.dump(typed, many=True)
     return rows
 
 
-def action_groups(database: str) -> dict[int, set[str]]:
-    """syncId -> its sync groups, read from the file."""
+def action_groups(app_or_url) -> dict[int, set[str]]:
+    """syncId -> its sync groups, read straight from the database."""
     groups: dict[int, set[str]] = {}
-    with sqlite3.connect(database) as connection:
-        for sync_action_id, sync_group in connection.execute("SELECT sync_action_id, sync_group FROM sync_action_group"):
-            groups.setdefault(sync_action_id, set()).add(sync_group)
+    for sync_action_id, sync_group in query(app_or_url, "SELECT sync_action_id, sync_group FROM sync_action_group"):
+        groups.setdefault(sync_action_id, set()).add(sync_group)
     return groups
 
 

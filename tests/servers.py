@@ -11,11 +11,17 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKERS, THREADS = 4, 4  # two processes a core: see the README's Performance section
+# Servers (gunicorn masters, each on its own port) sharing one database in the
+# load and crash tests: several app servers in front of one PostgreSQL database,
+# as it is deployed; one on a SQLite file, as the README's table describes.
+SERVERS = {"sqlite": 1, "postgresql": 2}
 
 
 class Gunicorn:
@@ -73,6 +79,19 @@ class Gunicorn:
                 self.process.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+@contextmanager
+def running(database_url: str, directory: Path, count: int) -> Iterator[list[Gunicorn]]:
+    """`count` servers on one database, started, and stopped at the end (also when one fails to start)."""
+    servers = [Gunicorn(database_url, directory / f"gunicorn-{n}.log") for n in range(1, count + 1)]
+    try:
+        for server in servers:
+            server.start()
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
 
 
 class ServerDown(Exception):

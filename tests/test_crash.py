@@ -1,46 +1,46 @@
 """Crashes: gunicorn is killed with SIGKILL at random moments under load,
-and restarted on the same SQLite file. Every transaction that got a 200 is
-there; nothing is half-written; the log stays contiguous; a client that
-retries its unacknowledged transactions with the same transactionId gets
-each applied exactly once; pollers that follow the restarts still see each
-action exactly once, in order.
+and restarted on the same database (one server on a SQLite file; on
+PostgreSQL two servers, writers and pollers spread across them, all killed
+and restarted together). Every transaction that got a 200 is there; nothing
+is half-written; the log stays contiguous (on PostgreSQL: each transaction's
+syncIds are); a client that retries its unacknowledged transactions with the
+same transactionId gets each applied exactly once; pollers that follow the
+restarts still see each action exactly once, in order.
 
-CRASHES sets how many times the server is killed (3 by default)."""
+CRASHES sets how many times the servers are killed (3 by default)."""
 
 import json
 import os
 import random
-import sqlite3
 import threading
 import time
 
 import pytest
+from sqlalchemy import text
 
 from app import create_app
-from helpers import as_store, assert_acknowledged_in_log, create, file_rows, group, mutate, replay, sign_in, todo, update
+from helpers import as_store, assert_log_holds_exactly, create, file_rows, group, mutate, reader, replay, sign_in, todo, update
 from models import db
-from servers import Api, Gunicorn, ServerDown
+from servers import SERVERS, Api, ServerDown, running
 
 CRASHES = int(os.environ.get("CRASHES", 3))
 WRITERS, POLLERS = 8, 2
 
 
 @pytest.fixture
-def world(tmp_path):
-    url = f"sqlite:///{tmp_path / 'loco.sqlite3'}"
-    app = create_app({"SQLALCHEMY_DATABASE_URI": url})
+def world(engine, database_url, tmp_path):
+    app = create_app({"SQLALCHEMY_DATABASE_URI": database_url})
     writer = sign_in(app, "writer")
-    mutate(writer, create("Author", "a1", name="Ada"), group("g1"), group("g2"))
+    setup = [create("Author", "a1", name="Ada"), group("g1"), group("g2")]
+    setup_transaction = (mutate(writer, *setup)["lastSyncId"], setup)
     with app.app_context():
         db.engine.dispose()
-    server = Gunicorn(url, tmp_path / "gunicorn.log")
-    server.start()
-    yield server, writer.token, tmp_path / "loco.sqlite3"
-    server.stop()
+    with running(database_url, tmp_path, SERVERS[engine]) as servers:
+        yield servers, writer.token, setup_transaction
 
 
-def test_sigkill_under_load_loses_nothing_and_applies_retries_once(world):
-    server, token, database = world
+def test_sigkill_under_load_loses_nothing_and_applies_retries_once(world, engine, database_url):
+    servers, token, setup_transaction = world
     acknowledged: dict[str, tuple[int, list[dict]]] = {}  # transactionId -> (lastSyncId, changes)
     unacknowledged_sends = [0]
     kills, heads_after_kill = [0], []  # kills[0] counts up just before each SIGKILL
@@ -50,7 +50,7 @@ def test_sigkill_under_load_loses_nothing_and_applies_retries_once(world):
     seen: list[list[dict]] = [[] for _ in range(POLLERS)]
 
     def writer(number: int):
-        api, rng, transaction = Api(server, token), random.Random(number), 0
+        api, rng, transaction = Api(servers[number % len(servers)], token), random.Random(number), 0
         while not stop.is_set():
             transaction += 1
             todo_id = f"w{number}-{transaction}"
@@ -72,7 +72,7 @@ def test_sigkill_under_load_loses_nothing_and_applies_retries_once(world):
                 break
 
     def poller(number: int):
-        api, cursor = Api(server, token), 0
+        api, cursor = Api(servers[number % len(servers)], token), 0
         while True:
             finished = writers_done.is_set()  # read before polling, so the last poll is complete
             try:
@@ -106,10 +106,12 @@ def test_sigkill_under_load_loses_nothing_and_applies_retries_once(world):
     for _ in range(CRASHES):
         time.sleep(rng.uniform(0.3, 1.5))  # a random moment under load
         kills[0] += 1
-        server.kill()
+        for server in servers:
+            server.kill()
         acknowledged_before_each_crash.append(len(acknowledged))
-        heads_after_kill.append(len(check_database(database)))  # the file as the crash left it
-        server.start()
+        heads_after_kill.append(check_database(database_url, engine)[-1]["syncId"])  # the database as the crash left it
+        for server in servers:
+            server.start()
     time.sleep(0.5)
     stop.set()
     for thread in writers:
@@ -120,8 +122,9 @@ def test_sigkill_under_load_loses_nothing_and_applies_retries_once(world):
     assert not errors, errors
     assert all(later > earlier for earlier, later in zip([0, *acknowledged_before_each_crash], acknowledged_before_each_crash))
 
-    log = check_database(database)
-    assert_acknowledged_in_log(log, acknowledged.values())  # every 200, whole, at the syncIds it was given
+    log = check_database(database_url, engine)
+    # Every 200, whole, at the syncIds it was given; and nothing else, each once, in order.
+    assert_log_holds_exactly(log, [setup_transaction, *acknowledged.values()], engine)
     # Each transaction applied exactly once, retries included: one insert per todo, and nothing unacknowledged.
     inserted = [a["modelId"] for a in log if a["action"] == "insert" and a["modelName"] == "Todo"]
     assert sorted(inserted) == sorted(changes[0]["modelId"] for _, changes in acknowledged.values())
@@ -137,25 +140,33 @@ def test_sigkill_under_load_loses_nothing_and_applies_retries_once(world):
     )
 
 
-def check_database(database) -> list[dict]:
-    """Read the file directly: the log is contiguous, every action has its
-    groups, and replaying it gives exactly the rows (no half-written transaction)."""
-    with sqlite3.connect(database) as connection:
-        ids = [row[0] for row in connection.execute("SELECT id FROM sync_action ORDER BY id")]
-        assert ids == list(range(1, len(ids) + 1)), "the log has a gap"
-        unlinked = connection.execute(
-            "SELECT count(*) FROM sync_action WHERE id NOT IN (SELECT sync_action_id FROM sync_action_group)"
-        ).fetchone()[0]
+def check_database(url: str, engine: str) -> list[dict]:
+    """Read the tables directly, in one snapshot: the log is contiguous (on
+    PostgreSQL a rolled back transaction may leave a hole), every action has
+    its groups, and replaying it gives exactly the rows (no half-written
+    transaction)."""
+    # A PostgreSQL backend may still finish a COMMIT its killed client sent: read one snapshot.
+    isolation = {"isolation_level": "REPEATABLE READ"} if engine == "postgresql" else {}
+    with reader(url).connect().execution_options(**isolation) as connection:
+
+        def query(sql: str) -> list[tuple]:
+            return [tuple(row) for row in connection.execute(text(sql))]
+
+        ids = [sync_id for (sync_id,) in query("SELECT id FROM sync_action ORDER BY id")]
+        if engine == "sqlite":
+            assert ids == list(range(1, len(ids) + 1)), "the log has a gap"
+        unlinked = query("SELECT count(*) FROM sync_action WHERE id NOT IN (SELECT sync_action_id FROM sync_action_group)")[0][0]
         assert unlinked == 0, "an action without sync groups"
         log = []
-        for sync_id, action, model_name, model_id, data in connection.execute(
-            "SELECT id, action, model_name, model_id, data FROM sync_action ORDER BY id"
-        ):
+        for sync_id, action, model_name, model_id, data in query("SELECT id, action, model_name, model_id, data FROM sync_action ORDER BY id"):
             entry = {"syncId": sync_id, "action": action, "modelName": model_name, "modelId": model_id}
-            if data is not None and data != "null":
-                entry["data"] = json.loads(data)
+            if isinstance(data, str):  # SQLite's JSON is text; psycopg decodes it
+                data = json.loads(data)
+            if data is not None:
+                entry["data"] = data
             log.append(entry)
-        last = connection.execute("SELECT max(last_sync_id) FROM client_transaction").fetchone()[0] or 0
-    assert replay(log) == as_store(file_rows(str(database))), "rows and actions disagree: a half-written transaction"
-    assert last <= len(ids), "a recorded transaction whose actions are missing"
+        recorded = {last_sync_id for (last_sync_id,) in query("SELECT last_sync_id FROM client_transaction")}
+        rows = file_rows(connection)
+    assert replay(log) == as_store(rows), "rows and actions disagree: a half-written transaction"
+    assert recorded <= set(ids), "a recorded transaction whose actions are missing"
     return log

@@ -6,6 +6,8 @@ import sqlite3
 import threading
 from urllib.parse import urlsplit
 
+import pytest
+
 import app as app_module
 
 from app import create_app
@@ -90,11 +92,18 @@ def test_an_unexpected_failure_is_a_json_500_of_type_server(app):
     assert "boom" not in error["message"]  # internals stay in the log
 
 
-def test_a_database_locked_by_another_writer_is_503_network_with_retry_after(tmp_path):
+# How a write waits for another one is the engine's own: these hold SQLite's
+# write lock from a second connection. PostgreSQL has no such lock; its writers
+# retry serialization failures instead.
+HOLDS_SQLITES_WRITE_LOCK = "holds SQLite's write lock (BEGIN IMMEDIATE) from a second sqlite3 connection"
+
+
+@pytest.mark.sqlite_only(HOLDS_SQLITES_WRITE_LOCK)
+def test_a_database_locked_by_another_writer_is_503_network_with_retry_after(database_url):
     app = create_app(
         {
             "TESTING": True,
-            "SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path / 'loco.sqlite3'}",
+            "SQLALCHEMY_DATABASE_URI": database_url,
             "SQLITE_BUSY_TIMEOUT_MS": 20,
             "BUSY_RETRIES": 2,
             "BUSY_BACKOFF_S": 0.01,
@@ -121,13 +130,14 @@ def test_a_database_locked_by_another_writer_is_503_network_with_retry_after(tmp
     assert mutate(client, todo("t1", "g1")) == {"lastSyncId": 3}
 
 
-def test_a_busy_database_is_retried_with_backoff_before_giving_up(tmp_path, monkeypatch):
+@pytest.mark.sqlite_only(HOLDS_SQLITES_WRITE_LOCK)
+def test_a_busy_database_is_retried_with_backoff_before_giving_up(database_url, monkeypatch):
     """The lock is held longer than one busy timeout but less than the retries
     last: the mutation succeeds, after waits that double."""
     app = create_app(
         {
             "TESTING": True,
-            "SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path / 'loco.sqlite3'}",
+            "SQLALCHEMY_DATABASE_URI": database_url,
             "SQLITE_BUSY_TIMEOUT_MS": 20,
             "BUSY_RETRIES": 6,
             "BUSY_BACKOFF_S": 0.05,

@@ -87,6 +87,7 @@ def test_actions_the_caller_cannot_see_do_not_end_its_wait_but_its_cursor_moves_
     assert poll["seconds"] >= 1
 
 
+@pytest.mark.sqlite_only("checkpoints SQLite's write-ahead log")
 def test_a_held_poll_holds_no_snapshot_so_the_log_can_be_checkpointed(seeded, app, base_url):
     poll = poll_in_background(base_url, seeded.token, f"since={head(seeded)}&wait=3")
     time.sleep(0.3)
@@ -131,9 +132,9 @@ def test_wait_is_a_number_of_seconds_up_to_30_and_only_for_polls_to_the_head(see
 
 
 @pytest.fixture
-def two_servers(tmp_path):
-    """Two gunicorn servers with one worker each, on one SQLite file: a writer of one, a poller of the other."""
-    url = f"sqlite:///{tmp_path / 'loco.sqlite3'}"
+def two_servers(database_url, tmp_path):
+    """Two gunicorn servers with one worker each, on one database: a writer of one, a poller of the other."""
+    url = database_url
     app = create_app({"SQLALCHEMY_DATABASE_URI": url})
     ada = sign_in(app, "Ada")
     mutate(ada, group("g1"))
@@ -141,11 +142,13 @@ def two_servers(tmp_path):
     with app.app_context():
         db.engine.dispose()
     servers = [Gunicorn(url, tmp_path / f"gunicorn-{n}.log", workers=1) for n in (1, 2)]
-    for server in servers:
-        server.start()
-    yield servers, ada.token
-    for server in servers:
-        server.stop()
+    try:
+        for server in servers:
+            server.start()
+        yield servers, ada.token
+    finally:  # before the database is dropped
+        for server in servers:
+            server.stop()
 
 
 def test_a_writer_in_another_process_wakes_a_held_poll(two_servers):

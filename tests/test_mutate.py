@@ -1,20 +1,20 @@
 """POST /mutate: rows and sync actions written together, all or nothing."""
 
-import sqlite3
 import threading
 import time
 
 import pytest
-from sqlalchemy import event
+from sqlalchemy import event, text
 
 from helpers import (
     assert_error,
     create,
-    database_path,
     delete,
     group,
     mutate,
+    query,
     read_log,
+    reader,
     same_user,
     snapshot,
     todo,
@@ -44,6 +44,13 @@ def test_last_sync_id_is_the_greatest_sync_id_the_transaction_created(seeded):
 
     assert result == {"lastSyncId": 8}
     assert [a["syncId"] for a in read_log(seeded, since=5)] == [6, 7, 8]
+
+
+def test_a_sync_id_is_never_handed_out_twice(app, seeded):
+    with reader(app).begin() as connection:  # the newest action is gone, but a client may hold its syncId
+        connection.execute(text("DELETE FROM sync_action_group WHERE sync_action_id = 5"))
+        connection.execute(text("DELETE FROM sync_action WHERE id = 5"))
+    assert mutate(seeded, todo("t2", "g1")) == {"lastSyncId": 6}
 
 
 def test_update_action_carries_the_full_row_after_the_change(seeded):
@@ -85,11 +92,11 @@ def test_changes_apply_in_order_inside_one_transaction(seeded):
 def test_each_sync_action_is_linked_to_the_sync_groups_of_its_row(app, seeded):
     mutate(seeded, update("Author", "a1", name="Ada L."), delete("Todo", "t1"))
 
-    with sqlite3.connect(database_path(app)) as connection:
-        links = connection.execute(
-            "SELECT a.model_name, a.model_id, a.action, g.sync_group FROM sync_action a "
-            "JOIN sync_action_group g ON g.sync_action_id = a.id ORDER BY a.id"
-        ).fetchall()
+    links = query(
+        app,
+        "SELECT a.model_name, a.model_id, a.action, g.sync_group FROM sync_action a "
+        "JOIN sync_action_group g ON g.sync_action_id = a.id ORDER BY a.id",
+    )
     assert links == [
         ("Group", "g1", "insert", "group:g1"),
         ("Group", "g2", "insert", "group:g2"),

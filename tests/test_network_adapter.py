@@ -1,6 +1,7 @@
 """Run the Node tests of the network adapter, static/loco-network.js (tests/js/).
 
-They start their own live server (tests/live_server.py) with this interpreter.
+They start their own live server (tests/live_server.py) with this interpreter,
+on a fresh database of the engine under test.
 Without Node the test is skipped, unless LOCO_REQUIRE_TOOLS=1 (as in CI),
 so that a missing install cannot pass silently.
 """
@@ -16,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_the_network_adapter_passes_its_node_tests():
+def test_the_network_adapter_passes_its_node_tests(engine):
     node = shutil.which("node")
     if node is None:
         reason = "node is not installed: the tests of static/loco-network.js in tests/js/ need Node 20 or newer"
@@ -29,7 +30,7 @@ def test_the_network_adapter_passes_its_node_tests():
     result = subprocess.run(
         [node, "--test", *files],
         cwd=ROOT,
-        env={**os.environ, "PYTHON": sys.executable},
+        env={**os.environ, "PYTHON": sys.executable, "LOCO_TEST_ENGINE": engine},
         capture_output=True,
         text=True,
         timeout=120,

@@ -16,16 +16,15 @@ PROPERTY_EXAMPLES sets how many workloads are tried (200 by default).
 """
 
 import os
-import shutil
-import sqlite3
 import tempfile
+from contextlib import ExitStack
 
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, rule
+from hypothesis.stateful import RuleBasedStateMachine, rule, run_state_machine_as_test
 
 from app import create_app
-from helpers import create, delete, file_rows, group, mutate, set_member, sign_in, snapshot, todo, update
+from helpers import create, delete, file_rows, fresh_database, group, mutate, query, set_member, sign_in, snapshot, todo, update
 from models import db
 
 USERS = 3
@@ -54,32 +53,31 @@ def sync_group_of(model: str, row: dict) -> str:
 
 
 class Database:
-    """Reads the server's file directly: the truth the responses are checked against."""
+    """Reads the server's tables directly: the truth the responses are checked against."""
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, url: str):
+        self.url = url
 
-    def query(self, sql: str, *args) -> list[tuple]:
-        with sqlite3.connect(self.path) as connection:
-            return connection.execute(sql, args).fetchall()
+    def query(self, sql: str, **params) -> list[tuple]:
+        return query(self.url, sql, **params)
 
     def sync_groups(self, user_id: int) -> list[str]:
-        joined = self.query("SELECT sync_group FROM memberships WHERE user_id = ? ORDER BY sync_group", user_id)
-        return ["all", *(g for (g,) in joined)]
+        joined = self.query("SELECT sync_group FROM memberships WHERE user_id = :user_id", user_id=user_id)
+        return ["all", *sorted(g for (g,) in joined)]  # sorted here: the database's collation must not decide
 
     def head(self) -> int:
         return self.query("SELECT max(id) FROM sync_action")[0][0] or 0
 
     def visible_sync_ids(self, since: int, until: int, sync_groups: list[str]) -> list[int]:
         links = self.query(
-            "SELECT sync_action_id, sync_group FROM sync_action_group WHERE sync_action_id > ? AND sync_action_id <= ?",
-            since,
-            until,
+            "SELECT sync_action_id, sync_group FROM sync_action_group WHERE sync_action_id > :since AND sync_action_id <= :until",
+            since=since,
+            until=until,
         )
         return sorted({sync_id for sync_id, g in links if g in sync_groups})
 
     def rows(self, sync_groups: list[str]) -> dict[tuple[str, str], dict]:
-        rows = {(model, row["id"]): row for model, found in file_rows(self.path).items() for row in found}
+        rows = {(model, row["id"]): row for model, found in file_rows(self.url).items() for row in found}
         return {key: row for key, row in rows.items() if sync_group_of(key[0], row) in sync_groups}
 
 
@@ -181,19 +179,29 @@ def target_group(change: dict, todo_groups: dict[str, str | None]) -> str | None
 
 
 class MultiUserWorkload(RuleBasedStateMachine):
-    def __init__(self):
+    def __init__(self, engine: str):
         super().__init__()
-        self.directory = tempfile.mkdtemp()
-        self.app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": f"sqlite:///{self.directory}/loco.sqlite3"})
-        self.database = Database(f"{self.directory}/loco.sqlite3")
-        self.users = [sign_in(self.app, f"user {n}") for n in range(USERS)]
-        founder = self.users[0]
-        mutate(founder, create("Author", "a1", name="Ada"), create("Author", "a2", name="Grace"), group("g1"), group("g2"))
-        mutate(founder, todo("t1", "g1"), todo("t2", "g2"))
-        for user, sync_group in zip(self.users[1:], ["group:g1", "group:g2"]):
-            set_member(self.app, user, sync_group)
-        self.clients = [ReplayingClient(user, self.database) for user in self.users]
-        self.committed: dict[tuple[int, str], tuple[list, dict]] = {}
+        self.cleanup = ExitStack()  # each workload on a new database of the engine
+        try:
+            url = self.cleanup.enter_context(fresh_database(engine, self.cleanup.enter_context(tempfile.TemporaryDirectory())))
+            self.app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": url})
+            self.cleanup.callback(self.dispose)
+            self.database = Database(url)
+            self.users = [sign_in(self.app, f"user {n}") for n in range(USERS)]
+            founder = self.users[0]
+            mutate(founder, create("Author", "a1", name="Ada"), create("Author", "a2", name="Grace"), group("g1"), group("g2"))
+            mutate(founder, todo("t1", "g1"), todo("t2", "g2"))
+            for user, sync_group in zip(self.users[1:], ["group:g1", "group:g2"]):
+                set_member(self.app, user, sync_group)
+            self.clients = [ReplayingClient(user, self.database) for user in self.users]
+            self.committed: dict[tuple[int, str], tuple[list, dict]] = {}
+        except BaseException:
+            self.cleanup.close()
+            raise
+
+    def dispose(self) -> None:
+        with self.app.app_context():
+            db.engine.dispose()
 
     @rule(user=st.integers(0, USERS - 1), data=st.data(), transaction_id=st.none() | st.sampled_from(["tx-1", "tx-2"]))
     def write(self, user, data, transaction_id):
@@ -283,15 +291,16 @@ class MultiUserWorkload(RuleBasedStateMachine):
                 client.catch_up(limit=5000)
                 client.check_replay()
         finally:
-            with self.app.app_context():
-                db.engine.dispose()
-            shutil.rmtree(self.directory, ignore_errors=True)
+            self.cleanup.close()
 
 
-MultiUserWorkload.TestCase.settings = settings(
-    max_examples=int(os.environ.get("PROPERTY_EXAMPLES", 200)),
-    stateful_step_count=25,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-)
-test_random_multi_user_workloads = MultiUserWorkload.TestCase
+def test_random_multi_user_workloads(engine):
+    run_state_machine_as_test(
+        lambda: MultiUserWorkload(engine),
+        settings=settings(
+            max_examples=int(os.environ.get("PROPERTY_EXAMPLES", 200)),
+            stateful_step_count=25,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+        ),
+    )

@@ -1,16 +1,14 @@
 """How SQLite is set up: durable, serializable writes and one snapshot per read."""
 
 import sqlite3
-import subprocess
-import sys
-from pathlib import Path
 
+import pytest
 from sqlalchemy import event, text
 
 from helpers import database_path, mutate, todo
 from models import db
 
-ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.sqlite_only("SQLite's own settings: pragmas, BEGIN modes, sqlite3's statement trace, its query plans")
 
 
 def test_connections_use_wal_full_sync_foreign_keys_and_a_busy_timeout(app):
@@ -63,13 +61,6 @@ def test_reads_run_in_one_explicit_transaction(app, seeded):
     assert reads.count("SELECT") >= 4  # groups, the head, each model: all after that one BEGIN
 
 
-def test_a_sync_id_is_never_handed_out_twice(app, seeded):
-    with sqlite3.connect(database_path(app)) as connection:
-        connection.execute("DELETE FROM sync_action_group WHERE sync_action_id = 5")
-        connection.execute("DELETE FROM sync_action WHERE id = 5")
-    assert mutate(seeded, todo("t2", "g1")) == {"lastSyncId": 6}
-
-
 def test_the_group_join_table_is_indexed_for_group_and_range_lookups(app, seeded):
     with sqlite3.connect(database_path(app)) as connection:
         plan = connection.execute(
@@ -79,11 +70,3 @@ def test_the_group_join_table_is_indexed_for_group_and_range_lookups(app, seeded
     details = " ".join(row[-1] for row in plan)
     assert "USING" in details and "INDEX" in details, details
     assert "sync_group=? AND sync_action_id>?" in details, details
-
-
-def test_server_processes_starting_together_on_a_new_file_all_create_it_cleanly(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'loco.sqlite3'}"
-    start = f"from app import create_app; create_app({{'SQLALCHEMY_DATABASE_URI': {uri!r}}})"
-    processes = [subprocess.Popen([sys.executable, "-c", start], cwd=ROOT, stderr=subprocess.PIPE) for _ in range(6)]
-    failures = [p.stderr.read().decode() for p in processes if p.wait(timeout=60) != 0]
-    assert failures == []

@@ -100,6 +100,7 @@ def test_replaying_the_log_from_zero_reproduces_the_rows(seeded):
     assert store == as_store(everything)
 
 
+@pytest.mark.sqlite_only("pauses the poll's statement half-way with sqlite3's progress handler")
 def test_the_cursor_never_passes_an_action_the_response_did_not_carry(app, seeded, monkeypatch):
     """A writer commits while the poll's statement is running (SQLite's progress
     handler pauses it half-way): the page and its cursor stop at the head the
