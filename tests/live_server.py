@@ -1,10 +1,12 @@
-"""Serve the app on a fresh, seeded SQLite file for the JavaScript tests.
+"""Serve the app on a fresh, seeded database for the JavaScript tests.
 
     python tests/live_server.py [DIRECTORY]
 
-Prints one JSON line, {"baseUrl": ..., "tokens": {"Ada": ..., "Grace": ...}},
-then serves on a free port of 127.0.0.1 until its standard input closes, so
-it never outlives the test process that started it.
+A SQLite file in DIRECTORY, or with LOCO_TEST_ENGINE=postgresql a schema of
+its own in TEST_DATABASE_URL, dropped at the end. Prints one JSON line,
+{"baseUrl": ..., "tokens": {"Ada": ..., "Grace": ...}}, then serves on a
+free port of 127.0.0.1 until its standard input closes, so it never outlives
+the test process that started it.
 """
 
 import json
@@ -19,21 +21,26 @@ from werkzeug.serving import make_server
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from app import create_app, seed_demo  # noqa: E402
+from helpers import fresh_database  # noqa: E402
+from models import db  # noqa: E402
 
 
 def main() -> None:
     directory = sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="loco-live-")
     os.makedirs(directory, exist_ok=True)
-    app = create_app({"SQLALCHEMY_DATABASE_URI": f"sqlite:///{os.path.join(directory, 'loco.sqlite3')}"})
-    with app.app_context():
-        tokens, _ = seed_demo()
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no access log on the test's stderr
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    print(json.dumps({"baseUrl": f"http://127.0.0.1:{server.port}", "tokens": tokens}), flush=True)
-    sys.stdin.read()
-    app.extensions["log_watcher"].close()  # answer held long polls at once
-    server.shutdown()
+    with fresh_database(os.environ.get("LOCO_TEST_ENGINE", "sqlite"), directory) as url:
+        app = create_app({"SQLALCHEMY_DATABASE_URI": url})
+        with app.app_context():
+            tokens, _ = seed_demo()
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no access log on the test's stderr
+        server = make_server("127.0.0.1", 0, app, threaded=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        print(json.dumps({"baseUrl": f"http://127.0.0.1:{server.port}", "tokens": tokens}), flush=True)
+        sys.stdin.read()
+        app.extensions["log_watcher"].close()  # answer held long polls at once
+        server.shutdown()
+        with app.app_context():
+            db.engine.dispose()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 // The network adapter (static/loco-network.js) against a live server on a
-// freshly seeded SQLite file (tests/live_server.py). Node's own test runner,
-// no npm packages:  node --test tests/js/
+// freshly seeded database (tests/live_server.py: a SQLite file, or PostgreSQL
+// with LOCO_TEST_ENGINE=postgresql). Node's own test runner, no npm packages:
+// node --test tests/js/
 //
 // Seed: Groups g1, g2; Authors a1, a2; Todos t1, t2 (g1), t3 (g2); head 7.
 // Ada has all, group:g1, group:g2; Grace has all, group:g1.
