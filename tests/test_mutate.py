@@ -251,14 +251,15 @@ def test_every_invalid_change_is_reported_and_the_valid_ones_are_not_written(app
     assert snapshot(app) == before
 
 
-def test_writes_that_wait_together_share_one_commit_and_a_refused_one_is_rolled_back_alone(app, seeded):
+def test_writes_that_wait_together_share_one_commit_and_a_refused_one_is_rolled_back_alone(app, seeded, engine):
     """Group commit: while a transaction commits, the writes that arrive wait;
     then one of them commits them all in one transaction, each in a savepoint."""
     writer = app.extensions["writer"]
     statements = []
-    with app.app_context():
-        db.engine.dispose()  # new connections from now on, traced
-        event.listen(db.engine, "connect", lambda dbapi_connection, _: dbapi_connection.set_trace_callback(statements.append))
+    if engine == "sqlite":  # the statements are counted with sqlite3's trace callback, which psycopg lacks
+        with app.app_context():
+            db.engine.dispose()  # new connections from now on, traced
+            event.listen(db.engine, "connect", lambda dbapi_connection, _: dbapi_connection.set_trace_callback(statements.append))
     answers = {}
 
     def send(name, *changes):
@@ -285,9 +286,10 @@ def test_writes_that_wait_together_share_one_commit_and_a_refused_one_is_rolled_
     for thread in threads:
         thread.join()
 
-    writes = [s.split()[0] for s in statements if s.split()[0] in ("BEGIN", "SAVEPOINT", "ROLLBACK", "RELEASE", "COMMIT")]
-    assert writes.count("BEGIN") == writes.count("COMMIT") == 1  # one transaction, one fsync
-    assert writes.count("SAVEPOINT") == 3 and writes.count("ROLLBACK") == 1  # the refused write alone undone
+    if engine == "sqlite":
+        writes = [s.split()[0] for s in statements if s.split()[0] in ("BEGIN", "SAVEPOINT", "ROLLBACK", "RELEASE", "COMMIT")]
+        assert writes.count("BEGIN") == writes.count("COMMIT") == 1  # one transaction, one fsync
+        assert writes.count("SAVEPOINT") == 3 and writes.count("ROLLBACK") == 1  # the refused write alone undone
     assert answers["t1 again"][0] == 409 and answers["t1 again"][1]["error"]["code"] == "already_exists"
     assert answers["t2"][0] == answers["t3 and t4"][0] == 200
     # The two accepted writes got syncIds 6 to 8 in some order, each one's own contiguous.
