@@ -108,7 +108,6 @@ def database_path(app) -> str:
     return app.config["SQLALCHEMY_DATABASE_URI"].removeprefix("sqlite:///")
 
 
-
 def sign_in(app, name: str = "Ada", *sync_groups: str):
     """A test client that sends a new user's token; the user has `all` and `sync_groups`."""
 
@@ -274,15 +273,15 @@ def assert_log_holds_exactly(log: list[dict], transactions, engine: str) -> None
         assert sync_ids == list(range(1, len(sync_ids) + 1)), "the log has a hole"
 
 
-def file_rows(app_or_url_or_connection) -> dict[str, list[dict]]:
-    """Every synced row, read straight from the database (or on this connection), as the wire shows it."""
-    if not isinstance(app_or_url_or_connection, sqlalchemy.Connection):
-        with reader(app_or_url_or_connection).connect() as connection:
-            return file_rows(connection)
+def stored_rows(source) -> dict[str, list[dict]]:
+    """Every synced row, read straight from the database (of an app or URL, or on a connection), as the wire shows it."""
+    if not isinstance(source, sqlalchemy.Connection):
+        with reader(source).connect() as connection:
+            return stored_rows(connection)
     rows = {}
     for name, model in SYNCED_MODELS.items():
         columns = model.table.__table__.columns
-        found = app_or_url_or_connection.execute(text(f"SELECT {', '.join(c.name for c in columns)} FROM {model.table.__tablename__}"))
+        found = source.execute(text(f"SELECT {', '.join(c.name for c in columns)} FROM {model.table.__tablename__}"))
         # SQLite stores a boolean as 0 or 1: give each value its column's Python type back.
         typed = [{c.key: c.type.python_type(v) for c, v in zip(columns, values)} for values in found]
         rows[name] = model.schema.dump(typed, many=True)

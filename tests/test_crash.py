@@ -19,7 +19,7 @@ import pytest
 from sqlalchemy import text
 
 from app import create_app
-from helpers import as_store, assert_log_holds_exactly, create, file_rows, group, mutate, reader, replay, sign_in, todo, update
+from helpers import as_store, assert_log_holds_exactly, create, group, mutate, reader, replay, sign_in, stored_rows, todo, update
 from models import db
 from servers import SERVERS, Api, ServerDown, running
 
@@ -166,7 +166,7 @@ def check_database(url: str, engine: str) -> list[dict]:
                 entry["data"] = data
             log.append(entry)
         recorded = {last_sync_id for (last_sync_id,) in query("SELECT last_sync_id FROM client_transaction")}
-        rows = file_rows(connection)
+        rows = stored_rows(connection)
     assert replay(log) == as_store(rows), "rows and actions disagree: a half-written transaction"
     assert recorded <= set(ids), "a recorded transaction whose actions are missing"
     return log

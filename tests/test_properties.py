@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, rule, run_state_machine_as_test
 
 from app import create_app
-from helpers import create, delete, file_rows, fresh_database, group, mutate, query, set_member, sign_in, snapshot, todo, update
+from helpers import create, delete, fresh_database, group, mutate, query, set_member, sign_in, snapshot, stored_rows, todo, update
 from models import db
 
 USERS = 3
@@ -77,7 +77,7 @@ class Database:
         return sorted({sync_id for sync_id, g in links if g in sync_groups})
 
     def rows(self, sync_groups: list[str]) -> dict[tuple[str, str], dict]:
-        rows = {(model, row["id"]): row for model, found in file_rows(self.url).items() for row in found}
+        rows = {(model, row["id"]): row for model, found in stored_rows(self.url).items() for row in found}
         return {key: row for key, row in rows.items() if sync_group_of(key[0], row) in sync_groups}
 
 
