@@ -28,10 +28,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import click
+import psycopg
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Blueprint, Flask, current_app, g, render_template, request
@@ -61,8 +62,6 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app = Flask(__name__, instance_relative_config=True)
     app.config.from_mapping(
         SQLALCHEMY_DATABASE_URI=os.environ.get("DATABASE_URL") or "sqlite:///" + os.path.join(app.instance_path, "loco.sqlite3"),
-        # Rows in the log are stored as compact JSON: a page sends them on as stored.
-        SQLALCHEMY_ENGINE_OPTIONS={"json_serializer": lambda value: json.dumps(value, separators=(",", ":"))},
         MAX_CONTENT_LENGTH=1024 * 1024,
         SQLITE_BUSY_TIMEOUT_MS=2000,  # how long one attempt waits for the write lock
         BUSY_RETRIES=3,  # further attempts, with backoff, before answering 503
@@ -80,9 +79,10 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
     db.init_app(app)
     with app.app_context():
-        configure_sqlite(db.engine, app.config["SQLITE_BUSY_TIMEOUT_MS"])
-        app.extensions["log_watcher"] = LogWatcher(db.engine.url.database, app.config["LOG_CHECK_INTERVAL_S"])
-        app.extensions["writer"] = Writer(db.engine.url.database, app.config)
+        app.extensions["flavour"] = configure_database(db.engine, app.config)
+        sqlite_file = db.engine.url.database if app.extensions["flavour"].name == "sqlite" else None
+        app.extensions["log_watcher"] = LogWatcher(db.engine, sqlite_file, app.config["LOG_CHECK_INTERVAL_S"])
+        app.extensions["writer"] = Writer(sqlite_file, app.config)
         # Under the write lock, with busy retries, so server processes starting together do not race.
         in_write_transaction(create_schema)
     app.teardown_appcontext(return_connection)
@@ -111,34 +111,96 @@ def allow_cross_origin(response):
 
 
 # --- 2. Database setup ------------------------------------------------------
-# The endpoints speak SQL to the driver's own connection (sqlite3's), with the
-# statements in plain sight. SQLAlchemy provides the pool, the connect-time
-# settings and the schema (models.py); its ORM layer cost more than the SQL.
+# The endpoints speak SQL to the driver's own connection (sqlite3's or
+# psycopg's), with the statements in plain sight. SQLAlchemy provides the
+# pool, the connect-time settings and the schema (models.py); its ORM layer
+# cost more than the SQL. SQLite is the default; DATABASE_URL may name a
+# PostgreSQL database instead. What the two do differently is all here.
+
+DbConnection = Any  # sqlite3's connection, or PostgresConnection: both take the same SQL
 
 
-def configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
+@dataclass(frozen=True)
+class Flavour:
+    """What one kind of database needs said its own way."""
+
+    name: str  # "sqlite" or "postgresql"
+    begin_read: str  # one snapshot for every statement until COMMIT
+    begin_write: str  # serializable, and on SQLite the write lock at once
+    page: str  # GET /sync's one statement: see PAGE_SQLITE
+
+
+def flavour() -> Flavour:
+    return current_app.extensions["flavour"]
+
+
+def configure_database(engine: Engine, config: dict[str, Any]) -> Flavour:
     @event.listens_for(engine, "connect")
     def on_connect(dbapi_connection, _record):
-        # Python's sqlite3 driver does not emit BEGIN before a SELECT, so two
-        # SELECTs of one "transaction" could read two different snapshots.
-        # Take BEGIN away from the driver and emit it ourselves.
+        # Neither driver should begin transactions on its own: sqlite3 does not
+        # emit BEGIN before a SELECT, so two SELECTs of one "transaction" could
+        # read two different snapshots. Take BEGIN away from the driver and
+        # emit it ourselves.
+        if engine.dialect.name == "postgresql":
+            dbapi_connection.autocommit = True
+            return
         dbapi_connection.isolation_level = None
         dbapi_connection.execute("PRAGMA journal_mode = WAL")  # readers never block the writer
         dbapi_connection.execute("PRAGMA synchronous = FULL")  # a 200 from /mutate is on disk
         dbapi_connection.execute("PRAGMA foreign_keys = ON")
-        dbapi_connection.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        dbapi_connection.execute(f"PRAGMA busy_timeout = {int(config['SQLITE_BUSY_TIMEOUT_MS'])}")
+
+    if engine.dialect.name == "postgresql":
+        chosen = Flavour("postgresql", "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", "BEGIN ISOLATION LEVEL SERIALIZABLE", PAGE_POSTGRESQL)
+    elif engine.dialect.name == "sqlite":
+        chosen = Flavour("sqlite", "BEGIN DEFERRED", "BEGIN IMMEDIATE", PAGE_SQLITE)
+    else:
+        raise RuntimeError(f"DATABASE_URL names a {engine.dialect.name} database; this app runs on SQLite or PostgreSQL.")
 
     @event.listens_for(engine, "begin")
     def on_begin(connection):
         # For the bootstrap's SQLAlchemy connection: one snapshot from its first read.
-        connection.exec_driver_sql("BEGIN DEFERRED")
+        connection.exec_driver_sql(chosen.begin_read)
+
+    return chosen
 
 
-def connection() -> sqlite3.Connection:
+class PostgresConnection:
+    """psycopg's connection, taking SQL written with sqlite3's `?` placeholders."""
+
+    def __init__(self, pooled):
+        self.pooled, self.driver = pooled, pooled.driver_connection
+
+    def execute(self, sql: str, params: Any = ()):
+        return self.driver.execute(pyformat(sql) if isinstance(params, tuple | list) else sql, params)
+
+    def executemany(self, sql: str, rows: list) -> None:
+        with self.driver.cursor() as cursor:
+            cursor.executemany(pyformat(sql), rows)
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.driver.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+
+    def close(self) -> None:
+        self.pooled.close()
+
+
+@functools.lru_cache(maxsize=512)
+def pyformat(sql: str) -> str:
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+def connection() -> DbConnection:
     """This request's (or CLI command's) database connection, from the pool; returned at teardown."""
     if "connection" not in g:
-        g.connection = db.engine.raw_connection()
+        g.connection = speaking_sql(db.engine.raw_connection())
     return g.connection
+
+
+def speaking_sql(pooled) -> DbConnection:
+    """A pooled connection, as the app's SQL is sent to it."""
+    return PostgresConnection(pooled) if flavour().name == "postgresql" else pooled
 
 
 def return_connection(_error=None) -> None:
@@ -148,11 +210,11 @@ def return_connection(_error=None) -> None:
 
 
 @contextmanager
-def read_transaction() -> Iterator[sqlite3.Connection]:
+def read_transaction() -> Iterator[DbConnection]:
     """One snapshot for every statement inside, ended before the answer is sent
     (a held poll must not pin the WAL)."""
     db_connection = connection()
-    db_connection.execute("BEGIN DEFERRED")
+    db_connection.execute(flavour().begin_read)
     try:
         yield db_connection
     finally:
@@ -170,17 +232,19 @@ def schema_statements(drop: bool = False) -> list[str]:
 
 
 class WriteLock:
-    """One writer at a time, across the processes of this server.
+    """One writer at a time, across the processes of this server, on SQLite.
 
     SQLite lets only one transaction write; a second one waits in SQLite's
     busy handler, which sleeps up to 100 ms between tries, so writers of two
     processes spent most of their time asleep. Queueing on a file lock
     instead hands the turn over the moment it is free. (SQLite's busy
     timeout still covers writers that do not take this lock, like the CLI.)
+    PostgreSQL needs no such lock: its writers run side by side, and only
+    the step that appends to the log takes turns (lock_log).
     """
 
     def __init__(self, database: str | None):
-        self.path = f"{database}-writer.lock" if database else None  # None: an in-memory database
+        self.path = f"{database}-writer.lock" if database else None  # None: in memory, or not SQLite
         self.file, self.pid = -1, 0
 
     def __enter__(self) -> None:
@@ -195,23 +259,55 @@ class WriteLock:
             fcntl.flock(self.file, fcntl.LOCK_UN)
 
 
+LOG_LOCK = 0x10C0_5E9C  # the advisory lock key of the log's tail, on PostgreSQL
+
+
+def lock_log(db_connection: DbConnection) -> None:
+    """Take the log's tail until this transaction ends, so that transactions
+    commit in the order of the syncIds they take. On SQLite the write lock,
+    held from BEGIN IMMEDIATE, already does. On PostgreSQL, ids from a
+    sequence are handed out at insert time but become visible at commit: A
+    could take 10, B take 11 and commit, a poller read past 11, and only then
+    A commit 10, which that poller would never see."""
+    if flavour().name == "postgresql":
+        db_connection.execute("SELECT pg_advisory_xact_lock(?)", (LOG_LOCK,))
+
+
+def is_retryable(error: BaseException) -> bool:
+    """The database could not run the transaction now, but may on a retry."""
+    if isinstance(error, sqlite3.OperationalError):
+        return getattr(error, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return getattr(error, "sqlstate", None) in ("40001", "40P01")  # serialization failure, deadlock
+
+
 LOG_BOUNDS = "SELECT (SELECT max(id) FROM sync_action), (SELECT after_sync_id FROM sync_log_start)"
 
 
-def read_log_bounds(db_connection: sqlite3.Connection) -> tuple[int, int]:
+def read_log_bounds(db_connection: DbConnection) -> tuple[int, int]:
     """Where this database's log starts (0, or above the log init-db wiped) and
     its head, the greatest syncId, as seen by the current transaction's snapshot."""
     newest, start = db_connection.execute(LOG_BOUNDS).fetchone()
     return start or 0, newest or start or 0
 
 
-def read_head(db_connection: sqlite3.Connection) -> int:
+def read_head(db_connection: DbConnection) -> int:
     return read_log_bounds(db_connection)[1]
 
 
-def create_schema(db_connection: sqlite3.Connection) -> None:
+def create_schema(db_connection: DbConnection) -> None:
+    if flavour().name == "postgresql":
+        # CREATE TABLE IF NOT EXISTS can still collide with a concurrent one there.
+        db_connection.execute("SELECT pg_advisory_xact_lock(?)", (LOG_LOCK + 1,))
     for statement in schema_statements():
         db_connection.execute(statement)
+
+
+def start_log_after(db_connection: DbConnection, sync_id: int) -> None:
+    """The next syncId handed out is sync_id + 1."""
+    if flavour().name == "postgresql":
+        db_connection.execute("SELECT setval(pg_get_serial_sequence('sync_action', 'id'), ?)", (sync_id,))
+    else:
+        db_connection.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('sync_action', ?)", (sync_id,))
 
 
 # --- 3. Who is calling -----------------------------------------------------
@@ -255,12 +351,12 @@ def sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def caller_sync_groups(user_id: int, db_connection: sqlite3.Connection) -> list[str]:
+def caller_sync_groups(user_id: int, db_connection: DbConnection) -> list[str]:
     memberships = db_connection.execute("SELECT sync_group FROM memberships WHERE user_id = ? ORDER BY sync_group", (user_id,))
     return ["all", *(sync_group for (sync_group,) in memberships)]
 
 
-def new_user(db_connection: sqlite3.Connection, name: str) -> tuple[int, str]:
+def new_user(db_connection: DbConnection, name: str) -> tuple[int, str]:
     """Add a user; return its id and token. Only a hash of the secret is
     kept, so this is the one chance to see the token."""
     secret = secrets.token_urlsafe(32)
@@ -269,11 +365,11 @@ def new_user(db_connection: sqlite3.Connection, name: str) -> tuple[int, str]:
     return user_id, f"{user_id}.{secret}"
 
 
-def join(db_connection: sqlite3.Connection, user_id: int, sync_group: str) -> None:
-    db_connection.execute("INSERT OR IGNORE INTO memberships (user_id, sync_group) VALUES (?, ?)", (user_id, sync_group))
+def join(db_connection: DbConnection, user_id: int, sync_group: str) -> None:
+    db_connection.execute("INSERT INTO memberships (user_id, sync_group) VALUES (?, ?) ON CONFLICT DO NOTHING", (user_id, sync_group))
 
 
-def leave(db_connection: sqlite3.Connection, user_id: int, sync_group: str) -> None:
+def leave(db_connection: DbConnection, user_id: int, sync_group: str) -> None:
     db_connection.execute("DELETE FROM memberships WHERE user_id = ? AND sync_group = ?", (user_id, sync_group))
 
 
@@ -349,16 +445,17 @@ def commit_changes(changes: list[Change], user_id: int, transaction_id: str | No
     """Write the rows, one sync action per change and their group links in
     one transaction, as `user_id`, and return the greatest syncId it created.
 
-    This is the only place rows and sync actions are written. The transaction
-    holds SQLite's write lock from BEGIN to COMMIT, so transactions commit in
-    syncId order and a poller can never see syncId n+1 before n.
+    This is the only place rows and sync actions are written. The step that
+    appends to the log holds the log's lock until COMMIT (lock_log), so
+    transactions commit in syncId order and a poller can never see syncId
+    n+1 before n.
     """
     last_sync_id = in_write_transaction(lambda db_connection: apply_transaction(db_connection, changes, user_id, transaction_id, changes_sha256))
     log_watcher().advance(last_sync_id)  # wake this process's held polls now, not at the next check
     return last_sync_id
 
 
-def in_write_transaction(work: Callable[[sqlite3.Connection], T]) -> T:
+def in_write_transaction(work: Callable[[DbConnection], T]) -> T:
     """Run `work` in a write transaction, commit it and return what it returned."""
     return current_app.extensions["writer"].run(work)
 
@@ -373,7 +470,9 @@ class Writer:
     if it ran alone. Whichever waiting thread gets the turn first commits
     them all; the others wait on a condition, not on a lock, so each one
     returns the moment its transaction has committed. Across processes,
-    writers queue on a file lock (WriteLock).
+    SQLite's writers queue on a file lock (WriteLock). A transaction the
+    database could not run now (SQLite busy; on PostgreSQL a serialization
+    failure or a deadlock) is retried whole, with backoff, then refused.
     """
 
     def __init__(self, database: str | None, config: dict[str, Any]):
@@ -383,7 +482,7 @@ class Writer:
         self.committing = False  # some thread is committing a transaction of this process
         self.queued: list[Write] = []
 
-    def run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+    def run(self, work: Callable[[DbConnection], T]) -> T:
         write = Write(work)
         with self.changed:
             self.queued.append(write)
@@ -404,11 +503,11 @@ class Writer:
                 self.changed.notify_all()
         return write.outcome()
 
-    def commit(self, batch: list[Write], db_connection: sqlite3.Connection) -> None:
+    def commit(self, batch: list[Write], db_connection: DbConnection) -> None:
         for attempt in range(self.retries + 1):
             try:
                 with self.lock:
-                    db_connection.execute("BEGIN IMMEDIATE")  # the write lock is taken now, not at the first write
+                    db_connection.execute(flavour().begin_write)  # on SQLite the write lock is taken now, not at the first write
                     try:
                         for write in batch:
                             write.apply(db_connection)
@@ -419,8 +518,8 @@ class Writer:
                 for write in batch:
                     write.done = True
                 return
-            except sqlite3.OperationalError as error:
-                if not is_busy(error):
+            except Exception as error:
+                if not is_retryable(error):
                     for write in batch:
                         write.fail(error)
                     return
@@ -431,7 +530,7 @@ class Writer:
                 ApiError(
                     503,
                     "database_busy",
-                    "The database stayed locked by other writers; nothing was written. Retry shortly.",
+                    "The database stayed busy with other writers (locked, or in conflict with them); nothing was written. Retry shortly.",
                     type="network",
                     headers={"Retry-After": "1"},
                 )
@@ -441,19 +540,21 @@ class Writer:
 class Write:
     """One caller's work in a shared write transaction, and what came of it."""
 
-    def __init__(self, work: Callable[[sqlite3.Connection], Any]):
+    def __init__(self, work: Callable[[DbConnection], Any]):
         self.work, self.done = work, False
         self.result: Any = None
         self.error: BaseException | None = None
 
-    def apply(self, db_connection: sqlite3.Connection) -> None:
+    def apply(self, db_connection: DbConnection) -> None:
         db_connection.execute("SAVEPOINT write")
         try:
             self.result, self.error = self.work(db_connection), None
         except Exception as error:
-            db_connection.execute("ROLLBACK TO write")  # undo this write, and only it
+            if is_retryable(error):
+                raise  # the whole transaction is retried
+            db_connection.execute("ROLLBACK TO SAVEPOINT write")  # undo this write, and only it
             self.result, self.error = None, error
-        db_connection.execute("RELEASE write")
+        db_connection.execute("RELEASE SAVEPOINT write")
 
     def fail(self, error: BaseException) -> None:
         self.result, self.error, self.done = None, error, True
@@ -464,17 +565,25 @@ class Write:
         return self.result
 
 
-def is_busy(error: sqlite3.OperationalError) -> bool:
-    return getattr(error, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
-
-
 @dataclass
 class Caller:
     user_id: int
     sync_groups: set[str]  # as they stand at this point of the transaction
+    linked: set[str] = field(default_factory=set)  # sync groups this transaction's actions go to
 
 
-def apply_transaction(db_connection: sqlite3.Connection, changes: list[Change], user_id: int, transaction_id: str | None, changes_sha256: str) -> int:
+@dataclass(frozen=True)
+class PendingAction:
+    """A sync action to append to the log once every change has been applied."""
+
+    action: str  # insert | update | delete
+    model_name: str
+    model_id: str
+    data: str | None  # the full row after the change, as compact JSON; None for delete
+    sync_groups: list[str]
+
+
+def apply_transaction(db_connection: DbConnection, changes: list[Change], user_id: int, transaction_id: str | None, changes_sha256: str) -> int:
     if transaction_id is not None:
         done = db_connection.execute(
             "SELECT changes_sha256, last_sync_id FROM client_transaction WHERE user_id = ? AND transaction_id = ?", (user_id, transaction_id)
@@ -489,9 +598,10 @@ def apply_transaction(db_connection: sqlite3.Connection, changes: list[Change], 
             return done[1]  # a retry: answer it, write nothing
     # Read inside the write transaction, so a membership change is either wholly before it or after it.
     caller = Caller(user_id, set(caller_sync_groups(user_id, db_connection)))
-    last_sync_id = 0
-    for index, change in enumerate(changes):
-        last_sync_id = apply_change(db_connection, index, change, caller)
+    # Every row first, then the log: a refused change takes no syncId, and
+    # the log's lock is held only from here to COMMIT.
+    pending = [apply_change(db_connection, index, change, caller) for index, change in enumerate(changes)]
+    last_sync_id = append_to_log(db_connection, pending)
     if transaction_id is not None:
         db_connection.execute(
             "INSERT INTO client_transaction (user_id, transaction_id, changes_sha256, last_sync_id) VALUES (?, ?, ?, ?)",
@@ -500,8 +610,8 @@ def apply_transaction(db_connection: sqlite3.Connection, changes: list[Change], 
     return last_sync_id
 
 
-def apply_change(db_connection: sqlite3.Connection, index: int, change: Change, caller: Caller) -> int:
-    """Apply one change to its row and log it as a sync action; return its syncId."""
+def apply_change(db_connection: DbConnection, index: int, change: Change, caller: Caller) -> PendingAction:
+    """Apply one change to its row; return the sync action that logs it."""
     model, sql = change.model, row_sql(change.model)
 
     def reject(code: str, reason: str, status: int = 409):
@@ -521,7 +631,7 @@ def apply_change(db_connection: sqlite3.Connection, index: int, change: Change, 
         row = change.data
         sync_groups = model.sync_groups.groups_of(row)
         if model.owns_sync_group:
-            if has_history(db_connection, sync_groups):
+            if caller.linked.intersection(sync_groups) or has_history(db_connection, sync_groups):
                 # Its actions are still linked to the group: a new owner would receive them.
                 reject("sync_group_reused", f"{model.name} id {change.model_id!r} was used before; choose a new one.")
             for group in sync_groups:  # whoever creates a sync group is its first member
@@ -552,14 +662,24 @@ def apply_change(db_connection: sqlite3.Connection, index: int, change: Change, 
             check_not_referenced(db_connection, model, row, reject)
             db_connection.execute(sql.delete, (change.model_id,))
 
-    data = None if change.action == "delete" else json.dumps(model.schema.dump(row), separators=(",", ":"))  # the full row after the change
-    (sync_id,) = db_connection.execute(
-        "INSERT INTO sync_action (action, model_name, model_id, data) VALUES (?, ?, ?, ?) RETURNING id",
-        (SYNC_ACTIONS[change.action], model.name, change.model_id, data),
-    ).fetchone()
-    db_connection.executemany(
-        "INSERT INTO sync_action_group (sync_group, sync_action_id) VALUES (?, ?)", [(group, sync_id) for group in sync_groups]
-    )
+    caller.linked.update(sync_groups)
+    data = None if change.action == "delete" else json.dumps(model.schema.dump(row), separators=(",", ":"))
+    return PendingAction(SYNC_ACTIONS[change.action], model.name, change.model_id, data, sync_groups)
+
+
+def append_to_log(db_connection: DbConnection, pending: list[PendingAction]) -> int:
+    """Append the sync actions and their group links; return the last syncId."""
+    lock_log(db_connection)
+    for action in pending:
+        (sync_id,) = db_connection.execute(
+            "INSERT INTO sync_action (action, model_name, model_id, data) VALUES (?, ?, ?, ?) RETURNING id",
+            (action.action, action.model_name, action.model_id, action.data),
+        ).fetchone()
+        db_connection.executemany(
+            "INSERT INTO sync_action_group (sync_group, sync_action_id) VALUES (?, ?)", [(group, sync_id) for group in action.sync_groups]
+        )
+    if flavour().name == "postgresql":
+        db_connection.execute("SELECT pg_notify('sync_log', ?)", (str(sync_id),))  # delivered at COMMIT: see LogWatcher
     return sync_id
 
 
@@ -587,19 +707,19 @@ def row_sql(model: SyncedModel) -> RowSql:
     )
 
 
-def has_history(db_connection: sqlite3.Connection, sync_groups: list[str]) -> bool:
+def has_history(db_connection: DbConnection, sync_groups: list[str]) -> bool:
     linked = f"SELECT 1 FROM sync_action_group WHERE sync_group IN ({', '.join('?' * len(sync_groups))}) LIMIT 1"
     return db_connection.execute(linked, sync_groups).fetchone() is not None
 
 
-def check_references(db_connection: sqlite3.Connection, model: SyncedModel, row: dict[str, Any], reject) -> None:
+def check_references(db_connection: DbConnection, model: SyncedModel, row: dict[str, Any], reject) -> None:
     for attribute, target in model.references:
         value = row[attribute]
         if db_connection.execute(row_sql(target).select, (value,)).fetchone() is None:
             reject("unknown_reference", f"{model.wire_name(attribute)} {value!r} does not name an existing {target.name}.")
 
 
-def check_not_referenced(db_connection: sqlite3.Connection, model: SyncedModel, row: dict[str, Any], reject) -> None:
+def check_not_referenced(db_connection: DbConnection, model: SyncedModel, row: dict[str, Any], reject) -> None:
     for other in SYNCED_MODELS.values():
         for attribute, target in other.references:
             referring = f"SELECT 1 FROM {other.table.__tablename__} WHERE {attribute} = ? LIMIT 1"
@@ -665,12 +785,12 @@ def bootstrap():
     connection = db.engine.connect()
     try:
         connection.begin()
-        allowed = caller_sync_groups(g.user_id, connection.connection.driver_connection)
+        allowed = caller_sync_groups(g.user_id, speaking_sql(connection.connection))
         sync_groups = allowed if query["type"] == "eager" else query["sync_groups"]
         lacking = [group for group in sync_groups if group not in allowed]
         if lacking:
             raise ApiError(403, "forbidden", f"You are not a member of {', '.join(lacking)}.", type="auth")
-        first_sync_id = read_head(connection.connection.driver_connection)
+        first_sync_id = read_head(speaking_sql(connection.connection))
     except BaseException:
         connection.close()
         raise
@@ -776,7 +896,7 @@ def read_page(since: int, until: int | None, limit: int) -> dict[str, Any]:
     """The caller's actions in (since, until], `until` at most the head: the
     cursor never moves past an action the page did not carry."""
     params = {"user_id": g.user_id, "since": since, "until": INT64[1] if until is None else until, "limit": limit}
-    log_start, head, cursor, sync_groups, actions = connection().execute(PAGE, params).fetchone()
+    log_start, head, cursor, sync_groups, actions = connection().execute(flavour().page, params).fetchone()
     if not log_start <= since <= head:
         raise unknown_cursor(since, log_start, head)
     return {"sync": actions, "lastSyncId": cursor, "syncGroups": sync_groups, "hasMore": cursor < min(head, params["until"])}
@@ -790,7 +910,7 @@ def read_page(since: int, until: int | None, limit: int) -> dict[str, Any]:
 # stall a client. (Every statement a request runs hands the GIL to another
 # thread and waits to get it back: one statement instead of six made a poll
 # under gunicorn about twice as fast.)
-PAGE = """
+PAGE_SQLITE = """
 WITH log(log_start, head) AS (
     SELECT log_start, coalesce((SELECT max(id) FROM sync_action), log_start)
     FROM (SELECT coalesce((SELECT after_sync_id FROM sync_log_start), 0) AS log_start)
@@ -819,6 +939,34 @@ SELECT log_start, head, cursor,
 FROM log, page
 """
 
+# The same on PostgreSQL, where a single statement also reads one snapshot.
+PAGE_POSTGRESQL = """
+WITH log AS (
+    SELECT log_start, coalesce((SELECT max(id) FROM sync_action), log_start) AS head
+    FROM (SELECT coalesce((SELECT after_sync_id FROM sync_log_start), 0) AS log_start) AS start
+),
+caller_groups(sync_group) AS (
+    SELECT 'all' UNION ALL SELECT sync_group FROM memberships WHERE user_id = %(user_id)s
+),
+page AS (
+    SELECT least(%(until)s, head, %(since)s + %(limit)s) AS cursor FROM log
+)
+SELECT log_start, head, cursor,
+    (SELECT json_agg(sync_group ORDER BY sync_group <> 'all', sync_group)::text FROM caller_groups),
+    (SELECT coalesce(string_agg(
+        CASE WHEN data IS NULL OR data = 'null'
+            THEN json_build_object('syncId', id, 'action', action, 'modelName', model_name, 'modelId', model_id)
+            ELSE json_build_object('syncId', id, 'action', action, 'modelName', model_name, 'modelId', model_id, 'data', data::json)
+        END::text, ',' ORDER BY id), '')
+     FROM sync_action
+     WHERE id IN (
+         SELECT sync_action_id FROM sync_action_group
+         WHERE sync_group IN (SELECT sync_group FROM caller_groups)
+           AND sync_action_id > %(since)s AND sync_action_id <= (SELECT cursor FROM page)
+     ))
+FROM log, page
+"""
+
 
 def page_response(page: dict[str, Any]):
     """`sync` and `syncGroups` arrive as JSON text already."""
@@ -836,14 +984,17 @@ class LogWatcher:
     """Tells held polls that the log grew, whichever process wrote to it.
 
     A commit in this process calls `advance` at once. Commits of other
-    processes are seen by one thread per process, which asks SQLite's
-    `PRAGMA data_version` (a counter that changes when another connection
-    commits) every `interval_s`, and only while some poll is held; it
-    sleeps otherwise. `close` releases every held poll, for a quick shutdown.
+    processes are seen by one thread per process, started by the first held
+    poll. On SQLite it asks `PRAGMA data_version` (a counter that changes
+    when another connection commits) every `interval_s`, and only while some
+    poll is held; it sleeps otherwise. On PostgreSQL it listens for the
+    notification every write transaction sends at COMMIT (append_to_log),
+    blocked in the driver between them. `close` releases every held poll,
+    for a quick shutdown.
     """
 
-    def __init__(self, database: str | None, interval_s: float):
-        self.database, self.interval_s = database, interval_s
+    def __init__(self, engine: Engine, sqlite_file: str | None, interval_s: float):
+        self.engine, self.sqlite_file, self.interval_s = engine, sqlite_file, interval_s
         self.changed = threading.Condition()
         self.head = 0
         self.waiting = 0
@@ -857,8 +1008,9 @@ class LogWatcher:
                 return True
             self.waiting += 1
             # An in-memory database has no other process to watch.
-            if self.database and (self.thread is None or not self.thread.is_alive()):
-                self.thread = threading.Thread(target=self.watch, name="log-watcher", daemon=True)
+            watch = self.listen if self.engine.dialect.name == "postgresql" else self.watch if self.sqlite_file else None
+            if watch and (self.thread is None or not self.thread.is_alive()):
+                self.thread = threading.Thread(target=watch, name="log-watcher", daemon=True)
                 self.thread.start()
             self.changed.notify_all()  # wake the watcher if it was idle
             try:
@@ -882,8 +1034,21 @@ class LogWatcher:
             self.closed = True
             self.changed.notify_all()
 
+    def listen(self) -> None:
+        pooled = self.engine.raw_connection()
+        pooled.detach()  # this one stays with the watcher
+        listener = pooled.driver_connection
+        try:
+            listener.execute("LISTEN sync_log")
+            self.advance(listener.execute("SELECT coalesce(max(id), 0) FROM sync_action").fetchone()[0])
+            while not self.closed:
+                for notification in listener.notifies(timeout=1.0):
+                    self.advance(int(notification.payload))
+        finally:
+            listener.close()
+
     def watch(self) -> None:
-        connection = sqlite3.connect(self.database, isolation_level=None)
+        connection = sqlite3.connect(self.sqlite_file, isolation_level=None)
         try:
             version = None
             while True:
@@ -1209,7 +1374,7 @@ def init_db_command():
             # that still holds a cursor of the wiped database to bootstrap again.
             log_start = old_head + 1
             db_connection.execute("INSERT INTO sync_log_start (after_sync_id) VALUES (?)", (log_start,))
-            db_connection.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('sync_action', ?)", (log_start,))
+            start_log_after(db_connection, log_start)
 
     in_write_transaction(reset)
     click.echo(f"Initialized an empty database at {db.engine.url.database}")
@@ -1318,12 +1483,12 @@ def remove_member_command(user_id: int, group_id: str):
     click.echo(f"User {user_id} is not a member of group:{group_id}.")
 
 
-def require_user(db_connection: sqlite3.Connection, user_id: int) -> None:
+def require_user(db_connection: DbConnection, user_id: int) -> None:
     if db_connection.execute("SELECT 1 FROM users WHERE id = ?", (user_id,)).fetchone() is None:
         raise click.ClickException(f"There is no user {user_id}.")
 
 
-def require_groups(db_connection: sqlite3.Connection, group_ids) -> None:
+def require_groups(db_connection: DbConnection, group_ids) -> None:
     for group_id in group_ids:
         if db_connection.execute(row_sql(SYNCED_MODELS["Group"]).select, (group_id,)).fetchone() is None:
             raise click.ClickException(f"There is no Group {group_id!r}.")

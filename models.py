@@ -14,7 +14,7 @@ from typing import Any
 
 from flask_sqlalchemy import SQLAlchemy
 from marshmallow import Schema, fields, validate
-from sqlalchemy import JSON, ColumnElement, ForeignKey, Index, String, false, true
+from sqlalchemy import ColumnElement, ForeignKey, Index, String, Text, false, true
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -219,7 +219,7 @@ class SyncAction(db.Model):
     action: Mapped[str] = mapped_column(String(6))  # insert | update | delete
     model_name: Mapped[str] = mapped_column(String(MAX_ID_LENGTH))
     model_id: Mapped[str] = mapped_column(String(MAX_ID_LENGTH))
-    data: Mapped[dict | None] = mapped_column(JSON)  # full row; None for delete
+    data: Mapped[str | None] = mapped_column(Text)  # the full row as compact JSON, sent as stored; None for delete
     sync_groups: Mapped[list[SyncActionGroup]] = relationship()
 
 

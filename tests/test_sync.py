@@ -120,7 +120,7 @@ def test_the_cursor_never_passes_an_action_the_response_did_not_carry(app, seede
             self.db_connection = db_connection
 
         def execute(self, sql, *params):
-            if sql is not app_module.PAGE:
+            if sql is not app_module.PAGE_SQLITE:
                 return self.db_connection.execute(sql, *params)
             self.db_connection.set_progress_handler(commit_once, 50)
             try:

@@ -1,0 +1,153 @@
+"""What only PostgreSQL needs: commits that land out of syncId order, and
+serialization failures. Skipped unless TEST_DATABASE_URL names a database."""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+
+import psycopg
+import pytest
+from sqlalchemy.engine import make_url
+
+import app as app_module
+from app import apply_transaction, create_app, flavour, load, MutateSchema, speaking_sql
+from helpers import assert_error, create, group, mutate, sign_in, todo, update
+from models import db
+
+TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL")
+pytestmark = pytest.mark.skipif(
+    not TEST_DATABASE_URL, reason="PostgreSQL tests need TEST_DATABASE_URL, e.g. postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+
+
+@pytest.fixture
+def pg_app():
+    """An app on a schema of its own in the PostgreSQL database."""
+    url = make_url(TEST_DATABASE_URL)
+    libpq = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    schema = f"loco_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(libpq, autocommit=True) as admin:
+        admin.execute(f"CREATE SCHEMA {schema}")
+    app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": url.update_query_dict({"options": f"-csearch_path={schema}"})})
+    yield app
+    with app.app_context():
+        db.engine.dispose()
+    with psycopg.connect(libpq, autocommit=True) as admin:
+        admin.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+def changes(*raw: dict):
+    return load(MutateSchema(), {"changes": list(raw)})["changes"]
+
+
+def race(app, ada) -> tuple[dict, dict]:
+    """Transaction A appends a sync action and stays open; B appends one after
+    it and tries to commit; a poller reads; then A commits. Returns the two
+    pages the poller read: before A's commit, and from its cursor after."""
+    head = ada.get("/sync").get_json()["lastSyncId"]
+    with app.app_context():
+        a = speaking_sql(db.engine.raw_connection())
+        try:
+            a.execute(flavour().begin_write)
+            apply_transaction(a, changes(todo("ta", "g1")), ada.user_id, None, "")  # takes syncId head + 1
+
+            def b_writes():
+                with app.app_context():
+                    b = speaking_sql(db.engine.raw_connection())
+                    try:
+                        b.execute(flavour().begin_write)
+                        apply_transaction(b, changes(todo("tb", "g1")), ada.user_id, None, "")
+                        b.execute("COMMIT")
+                    finally:
+                        b.close()
+
+            b_thread = threading.Thread(target=b_writes)
+            b_thread.start()
+            b_thread.join(timeout=1)  # B commits now, unless it waits for A
+            before = ada.get(f"/sync?since={head}").get_json()
+            a.execute("COMMIT")
+        finally:
+            a.close()  # back to the pool, rolled back if still open
+        b_thread.join()
+    after = ada.get(f"/sync?since={before['lastSyncId']}").get_json()
+    return before, after
+
+
+def seen(*pages: dict) -> list[str]:
+    return [action["modelId"] for page in pages for action in page["sync"]]
+
+
+def test_a_poller_never_skips_an_action_whose_transaction_commits_late(pg_app):
+    ada = sign_in(pg_app, "Ada")
+    mutate(ada, group("g1"), create("Author", "a1", name="Ada"))
+
+    before, after = race(pg_app, ada)
+
+    assert seen(before) == []  # B waited for A: nothing of either was visible yet
+    assert seen(before, after) == ["ta", "tb"]  # both, in syncId order
+    syncIds = [action["syncId"] for action in after["sync"]]
+    assert syncIds == sorted(syncIds) and len(set(syncIds)) == 2
+
+
+def test_without_the_log_lock_the_same_race_skips_an_action(pg_app, monkeypatch):
+    """The naive design, to show the race above is real: without lock_log, B
+    commits syncId n+2 first, the poller moves its cursor past n+1, and n+1,
+    committed afterwards, is never served to it."""
+    monkeypatch.setattr(app_module, "lock_log", lambda db_connection: None)
+    ada = sign_in(pg_app, "Ada")
+    mutate(ada, group("g1"), create("Author", "a1", name="Ada"))
+
+    before, after = race(pg_app, ada)
+
+    assert seen(before) == ["tb"]
+    assert seen(after) == []
+    assert "ta" not in seen(before, after)  # lost for this poller, though committed
+    assert [row["id"] for row in ada.get("/bootstrap?type=eager&models=Todo").get_json()["bootstrap"]["Todo"]] == ["ta", "tb"]
+
+
+def test_a_serialization_failure_is_retried_and_the_mutation_applied_once(pg_app):
+    ada = sign_in(pg_app, "Ada")
+    mutate(ada, group("g1"), create("Author", "a1", name="Ada"), todo("t1", "g1"))
+    url = make_url(pg_app.config["SQLALCHEMY_DATABASE_URI"]).set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(url, autocommit=True) as other:
+        other.execute("BEGIN ISOLATION LEVEL SERIALIZABLE")
+        other.execute("UPDATE todos SET like_count = 7 WHERE id = 't1'")
+        answer = {}
+
+        def ada_updates():
+            answer["response"] = mutate(ada, update("Todo", "t1", text="Renamed"), transaction_id="rename")
+
+        writer = threading.Thread(target=ada_updates)
+        writer.start()
+        writer.join(timeout=1)  # ada's update waits for the row lock
+        assert writer.is_alive()
+        other.execute("COMMIT")  # ada's transaction now fails to serialize, and is retried
+        writer.join()
+
+    last_sync_id = answer["response"]["lastSyncId"]
+    rows = ada.get("/bootstrap?type=eager&models=Todo").get_json()["bootstrap"]["Todo"]
+    assert [(r["text"], r["likeCount"]) for r in rows] == [("Renamed", 7)]  # on top of the other commit
+    log = ada.get("/sync?since=3").get_json()["sync"]
+    assert [a["syncId"] for a in log] == [last_sync_id] and log[0]["data"]["likeCount"] == 7
+
+
+def test_serialization_failures_that_persist_are_503_and_write_nothing(pg_app, monkeypatch):
+    ada = sign_in(pg_app, "Ada")
+    mutate(ada, group("g1"))
+    attempts = []
+
+    def always_conflicting(db_connection, *args):
+        attempts.append(1)
+        raise psycopg.errors.SerializationFailure("could not serialize access")
+
+    monkeypatch.setattr(app_module, "apply_transaction", always_conflicting)
+    monkeypatch.setattr(app_module.time, "sleep", lambda seconds: None)
+    response = ada.post("/mutate", json={"changes": [todo("t9", "g1")]})
+
+    error = assert_error(response, 503, "database_busy", type="network")
+    assert response.headers["Retry-After"] == "1" and "nothing was written" in error["message"]
+    assert len(attempts) == pg_app.config["BUSY_RETRIES"] + 1
+    monkeypatch.undo()
+    assert ada.get("/bootstrap?type=eager&models=Todo").get_json()["bootstrap"]["Todo"] == []
