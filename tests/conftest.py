@@ -34,6 +34,10 @@ def app(database_url):
     """An app on its own fresh database."""
     app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": database_url})
     yield app
+    watcher = app.extensions["log_watcher"]
+    watcher.close()  # its thread, if a held poll started one, ends and lets go of its connection
+    if watcher.thread is not None:
+        watcher.thread.join(timeout=5)
     with app.app_context():
         db.engine.dispose()
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import threading
-import uuid
 
 import psycopg
 import pytest
@@ -13,7 +12,7 @@ from sqlalchemy.engine import make_url
 
 import app as app_module
 from app import apply_transaction, create_app, flavour, load, MutateSchema, speaking_sql
-from helpers import assert_error, create, group, mutate, sign_in, todo, update
+from helpers import assert_error, create, fresh_database, group, mutate, sign_in, todo, update
 from models import db
 
 TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL")
@@ -23,19 +22,13 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture
-def pg_app():
+def pg_app(tmp_path):
     """An app on a schema of its own in the PostgreSQL database."""
-    url = make_url(TEST_DATABASE_URL)
-    libpq = url.set(drivername="postgresql").render_as_string(hide_password=False)
-    schema = f"loco_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(libpq, autocommit=True) as admin:
-        admin.execute(f"CREATE SCHEMA {schema}")
-    app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": url.update_query_dict({"options": f"-csearch_path={schema}"})})
-    yield app
-    with app.app_context():
-        db.engine.dispose()
-    with psycopg.connect(libpq, autocommit=True) as admin:
-        admin.execute(f"DROP SCHEMA {schema} CASCADE")
+    with fresh_database("postgresql", tmp_path) as url:
+        app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": url})
+        yield app
+        with app.app_context():
+            db.engine.dispose()
 
 
 def changes(*raw: dict):
