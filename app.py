@@ -1036,8 +1036,8 @@ class LogWatcher:
 
     def listen(self) -> None:
         pooled = self.engine.raw_connection()
-        pooled.detach()  # this one stays with the watcher
         listener = pooled.driver_connection
+        pooled.detach()  # this one stays with the watcher
         try:
             listener.execute("LISTEN sync_log")
             self.advance(listener.execute("SELECT coalesce(max(id), 0) FROM sync_action").fetchone()[0])
