@@ -21,6 +21,7 @@ import hashlib
 import hmac
 import json
 import os
+import random
 import re
 import secrets
 import sqlite3
@@ -64,8 +65,12 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         SQLALCHEMY_DATABASE_URI=os.environ.get("DATABASE_URL") or "sqlite:///" + os.path.join(app.instance_path, "loco.sqlite3"),
         MAX_CONTENT_LENGTH=1024 * 1024,
         SQLITE_BUSY_TIMEOUT_MS=2000,  # how long one attempt waits for the write lock
-        BUSY_RETRIES=3,  # further attempts, with backoff, before answering 503
+        BUSY_RETRIES=3,  # SQLite: further attempts, with backoff, before answering 503
         BUSY_BACKOFF_S=0.05,
+        # PostgreSQL: serializable transactions are expected to conflict now and then, and a
+        # retry at once mostly succeeds: more attempts, sooner.
+        SERIALIZATION_RETRIES=10,
+        SERIALIZATION_BACKOFF_S=0.001,
         CORS_ORIGIN="*",  # which browser origins may call the API
         MAX_HOLD_S=MAX_WAIT_S,  # the longest a poll is held, whatever its wait=
         LOG_CHECK_INTERVAL_S=0.002,  # how often a process looks for other processes' commits while polls are held
@@ -82,7 +87,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         app.extensions["flavour"] = configure_database(db.engine, app.config)
         sqlite_file = db.engine.url.database if app.extensions["flavour"].name == "sqlite" else None
         app.extensions["log_watcher"] = LogWatcher(db.engine, sqlite_file, app.config["LOG_CHECK_INTERVAL_S"])
-        app.extensions["writer"] = Writer(sqlite_file, app.config)
+        app.extensions["writer"] = Writer(sqlite_file, app.config, postgres=app.extensions["flavour"].name == "postgresql")
         # Under the write lock, with busy retries, so server processes starting together do not race.
         in_write_transaction(create_schema)
     app.teardown_appcontext(return_connection)
@@ -475,9 +480,12 @@ class Writer:
     failure or a deadlock) is retried whole, with backoff, then refused.
     """
 
-    def __init__(self, database: str | None, config: dict[str, Any]):
-        self.lock = WriteLock(database)
-        self.retries, self.backoff_s = config["BUSY_RETRIES"], config["BUSY_BACKOFF_S"]
+    def __init__(self, sqlite_file: str | None, config: dict[str, Any], postgres: bool):
+        self.lock = WriteLock(sqlite_file)
+        # On SQLite only writers outside this server (the CLI) make it busy; on PostgreSQL
+        # conflicting transactions retry at once, and jitter keeps them from colliding again.
+        prefix = "SERIALIZATION" if postgres else "BUSY"
+        self.retries, self.backoff_s, self.jitter = config[f"{prefix}_RETRIES"], config[f"{prefix}_BACKOFF_S"], postgres
         self.changed = threading.Condition()
         self.committing = False  # some thread is committing a transaction of this process
         self.queued: list[Write] = []
@@ -524,7 +532,7 @@ class Writer:
                         write.fail(error)
                     return
             if attempt < self.retries:
-                time.sleep(self.backoff_s * 2**attempt)
+                time.sleep(self.backoff_s * 2**attempt * (random.uniform(0.5, 1.5) if self.jitter else 1))
         for write in batch:
             write.fail(
                 ApiError(
@@ -1036,8 +1044,8 @@ class LogWatcher:
 
     def listen(self) -> None:
         pooled = self.engine.raw_connection()
-        pooled.detach()  # this one stays with the watcher
         listener = pooled.driver_connection
+        pooled.detach()  # this one stays with the watcher
         try:
             listener.execute("LISTEN sync_log")
             self.advance(listener.execute("SELECT coalesce(max(id), 0) FROM sync_action").fetchone()[0])

@@ -4,7 +4,7 @@
     python bench/run.py --smoke    # tiny sizes, to prove the script works (the tests run this)
 
 It starts its own servers on 127.0.0.1 under the configuration the README gives
-for production (gunicorn, 2 workers x 8 threads), drives every request-rate row
+for production (gunicorn, 4 workers x 4 threads), drives every request-rate row
 with the same load generator (wrk, `apt-get install wrk`) at 16 connections,
 and prints a markdown table: each figure beside its ceiling, measured in the
 same run, and the ratio the issue's target is about.
@@ -30,6 +30,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg
+from sqlalchemy.engine import make_url
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
@@ -48,15 +51,40 @@ GROUPS = 100  # for the history rows: a user in all of them, and one in just gro
 
 
 def new_database(directory: Path, name: str) -> tuple[str, str, dict[str, str]]:
-    """A fresh database with Groups g0 to g99, Author a1 and three users: in every group, in
-    group:g0 only, and in group:g0 and group:g1 (typical); returns its URL, path and tokens."""
+    """A fresh SQLite file, seeded; returns its URL, path and tokens."""
     path = directory / f"{name}.sqlite3"
     url = f"sqlite:///{path}"
+    return url, str(path), seed(url)
+
+
+def new_postgres_database(base_url: str, name: str) -> tuple[str, dict[str, str]]:
+    """A fresh schema in the PostgreSQL database at base_url, seeded; returns its URL and tokens."""
+    schema = f"loco_bench_{name}_{os.getpid()}"
+    with psycopg.connect(libpq(base_url), autocommit=True) as admin:
+        admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        admin.execute(f"CREATE SCHEMA {schema}")
+    url = make_url(base_url).update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(hide_password=False)
+    return url, seed(url)
+
+
+def drop_postgres_schemas(base_url: str) -> None:
+    with psycopg.connect(libpq(base_url), autocommit=True) as admin:
+        for (schema,) in admin.execute("SELECT nspname FROM pg_namespace WHERE nspname LIKE %s", (f"loco_bench_%_{os.getpid()}",)).fetchall():
+            admin.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+def libpq(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def seed(url: str) -> dict[str, str]:
+    """Groups g0 to g99, Author a1 and three users: in every group, in group:g0 only,
+    and in group:g0 and group:g1 (typical); returns their tokens."""
     app = create_app({"SQLALCHEMY_DATABASE_URI": url})
     changes = [{"action": "create", "modelName": "Author", "modelId": "a1", "data": {"id": "a1", "name": "Ada"}}]
     changes += [{"action": "create", "modelName": "Group", "modelId": f"g{n}", "data": {"id": f"g{n}", "name": f"Group {n}"}} for n in range(GROUPS)]
 
-    def seed(db_connection):
+    def users_and_groups(db_connection):
         (everyone, everyone_token), (one, one_token) = new_user(db_connection, "in every group"), new_user(db_connection, "in group:g0 only")
         typical, typical_token = new_user(db_connection, "in group:g0 and group:g1")
         apply_transaction(db_connection, load(MutateSchema(), {"changes": changes})["changes"], everyone, None, "")  # joins every group
@@ -66,9 +94,9 @@ def new_database(directory: Path, name: str) -> tuple[str, str, dict[str, str]]:
         return {"every": everyone_token, "one": one_token, "typical": typical_token}
 
     with app.app_context():
-        tokens = in_write_transaction(seed)
+        tokens = in_write_transaction(users_and_groups)
         db.engine.dispose()
-    return url, str(path), tokens
+    return tokens
 
 
 def add_history(path: str, actions: int) -> None:
@@ -280,8 +308,8 @@ def main() -> None:
     directory = Path(tempfile.mkdtemp(prefix="loco-bench-"))
     servers: list[Gunicorn] = []
 
-    def serve(url: str, name: str, app: str = "app:create_app()") -> Gunicorn:
-        server = Gunicorn(url, directory / f"{name}.log", app=app)
+    def serve(url: str, name: str, app: str = "app:create_app()", workers: int = WORKERS) -> Gunicorn:
+        server = Gunicorn(url, directory / f"{name}.log", workers=workers, app=app)
         server.start()
         servers.append(server)
         return server
@@ -290,6 +318,7 @@ def main() -> None:
         print(f"... {text}", file=sys.stderr, flush=True)
 
     rows: list[tuple[str, str, str, str, str, str]] = []
+    postgres = None
     try:
         progress("ceilings: the no-op endpoint and raw sqlite3")
         noop = serve("sqlite://", "noop", app="bench.noop_app:app")
@@ -384,12 +413,50 @@ def main() -> None:
         rows.append(("6", f"Mutation's 200 → long-polling client has the action (other process), {len(delays):,} mutations",
                      f"p50 {p50:.1f} ms, p99 {p99:.1f} ms", f"no-op round trip: p50 {trip50:.1f} ms, p99 {trip99:.1f} ms", "",
                      verdict(p50 <= 20 and p99 <= 100, "p50 ≤ 20 ms, p99 ≤ 100 ms")))
+        postgres = os.environ.get("BENCH_DATABASE_URL") or os.environ.get("TEST_DATABASE_URL")
+        if postgres:
+            progress("PostgreSQL: mutations with 1, 2 and 4 app processes, and without the log lock")
+            rows += postgres_rows(postgres, size, serve)
+        else:
+            progress("no PostgreSQL rows: set BENCH_DATABASE_URL (or TEST_DATABASE_URL) to a postgresql+psycopg:// URL")
     finally:
         for server in servers:
             server.stop()
         shutil.rmtree(directory, ignore_errors=True)
+        if postgres:
+            drop_postgres_schemas(postgres)
 
     print(table(rows, options.smoke))
+
+
+def postgres_rows(base_url: str, size: dict, serve) -> list[tuple[str, ...]]:
+    """Row 7: mutations on PostgreSQL, by the number of app processes (gunicorn
+    workers sharing the database), and the cost of the log lock that keeps
+    polls gap-free, against the naive design (bench/naive_app.py), turn about."""
+    rows, rates = [], {}
+    for workers in (1, 2, 4):
+        url, tokens = new_postgres_database(base_url, f"w{workers}")
+        server = serve(url, f"postgres-{workers}", workers=workers)
+        runs = [wrk(server.url + "/mutate", size["seconds"], tokens["typical"], "mutate.lua", [f"pg{workers}-{n}-{time.monotonic_ns()}"]) for n in range(size["rounds"])]
+        server.stop()
+        rates[workers] = merged(runs)
+    for label, workers in zip("abc", (1, 2, 4)):
+        rate = rates[workers]
+        rows.append((f"7{label}", f"PostgreSQL: POST /mutate, one-change create, {CONNECTIONS} clients, {workers} app process{'es' if workers > 1 else ''}",
+                     f"{rate.per_second:,.0f} tx/s" + failures(rate), "7a", f"{rate.per_second / rates[1].per_second:.2f}", ""))
+    url, tokens = new_postgres_database(base_url, "lock")
+    locked, naive = serve(url, "postgres-locked", workers=4), serve(url, "postgres-naive", workers=4, app="bench.naive_app:app")
+    pairs = []
+    for n in range(size["rounds"]):
+        pairs.append((wrk(locked.url + "/mutate", size["seconds"], tokens["typical"], "mutate.lua", [f"locked-{n}-{time.monotonic_ns()}"]),
+                      wrk(naive.url + "/mutate", size["seconds"], tokens["typical"], "mutate.lua", [f"naive-{n}-{time.monotonic_ns()}"])))
+    locked.stop()
+    naive.stop()
+    with_lock, without = merged([p[0] for p in pairs]), merged([p[1] for p in pairs])
+    cost = statistics.median(b.per_second / a.per_second for a, b in pairs)  # time per mutation, with the lock over without
+    rows.append(("7d", "PostgreSQL: the same, 4 app processes, with the log lock vs without it (the naive design, which can skip actions)",
+                 f"{with_lock.per_second:,.0f} vs {without.per_second:,.0f} tx/s" + failures(with_lock, without), "without the lock", f"cost × {cost:.2f}", ""))
+    return rows
 
 
 def merged(rates: list[Rate]) -> Rate:

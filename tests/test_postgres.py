@@ -141,6 +141,6 @@ def test_serialization_failures_that_persist_are_503_and_write_nothing(pg_app, m
 
     error = assert_error(response, 503, "database_busy", type="network")
     assert response.headers["Retry-After"] == "1" and "nothing was written" in error["message"]
-    assert len(attempts) == pg_app.config["BUSY_RETRIES"] + 1
+    assert len(attempts) == pg_app.config["SERIALIZATION_RETRIES"] + 1
     monkeypatch.undo()
     assert ada.get("/bootstrap?type=eager&models=Todo").get_json()["bootstrap"]["Todo"] == []

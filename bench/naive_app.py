@@ -1,0 +1,8 @@
+"""The app with the log's lock taken out (lock_log in app.py): the naive
+design, which lets a poller skip an action committed out of syncId order
+(tests/test_postgres.py shows how). For the benchmark's comparison only."""
+
+import app as app_module
+
+app_module.lock_log = lambda db_connection: None
+app = app_module.create_app()
