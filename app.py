@@ -903,11 +903,13 @@ def unknown_cursor(since: int, log_start: int, head: int) -> ApiError:
 def read_page(since: int, until: int | None, limit: int) -> dict[str, Any]:
     """The caller's actions in (since, until], `until` at most the head: the
     cursor never moves past an action the page did not carry."""
-    params = {"user_id": g.user_id, "since": since, "until": INT64[1] if until is None else until, "limit": limit}
+    last = INT64[1] if until is None else until
+    # The page scans at most `limit` syncIds; summed here, where integers do not overflow.
+    params = {"user_id": g.user_id, "since": since, "until": min(last, since + limit)}
     log_start, head, cursor, sync_groups, actions = connection().execute(flavour().page, params).fetchone()
     if not log_start <= since <= head:
         raise unknown_cursor(since, log_start, head)
-    return {"sync": actions, "lastSyncId": cursor, "syncGroups": sync_groups, "hasMore": cursor < min(head, params["until"])}
+    return {"sync": actions, "lastSyncId": cursor, "syncGroups": sync_groups, "hasMore": cursor < min(head, last)}
 
 
 # A poll is one statement, so it reads one snapshot without BEGIN and COMMIT:
@@ -927,7 +929,7 @@ caller_groups(sync_group) AS (
     SELECT 'all' UNION ALL SELECT sync_group FROM memberships WHERE user_id = :user_id
 ),
 page(cursor) AS (
-    SELECT min(:until, head, :since + :limit) FROM log
+    SELECT min(:until, head) FROM log
 ),
 visible(wire) AS (
     SELECT CASE WHEN data IS NULL OR data = 'null'  -- a delete; 'null' as older versions stored it
@@ -957,7 +959,7 @@ caller_groups(sync_group) AS (
     SELECT 'all' UNION ALL SELECT sync_group FROM memberships WHERE user_id = %(user_id)s
 ),
 page AS (
-    SELECT least(%(until)s, head, %(since)s + %(limit)s) AS cursor FROM log
+    SELECT least(%(until)s, head) AS cursor FROM log
 )
 SELECT log_start, head, cursor,
     (SELECT json_agg(sync_group ORDER BY sync_group <> 'all', sync_group)::text FROM caller_groups),
@@ -1316,9 +1318,23 @@ def json_body() -> Any:
         body = json.loads(raw, parse_constant=reject_constant)
         # "\ud800" parses to a lone surrogate, which no database can store as text.
         json.dumps(body, ensure_ascii=False).encode()
+        has_nul = holds_nul(body)
     except (ValueError, RecursionError) as error:
         raise ApiError(400, "invalid_json", f"The body is not valid JSON: {error}") from None
+    if has_nul:
+        # PostgreSQL cannot store it in text; refused on every engine, so that all behave alike.
+        raise ApiError(400, "invalid_request", "Strings cannot hold the NUL character (\\u0000).")
     return body
+
+
+def holds_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(holds_nul(key) or holds_nul(item) for key, item in value.items())
+    if isinstance(value, list):
+        return any(holds_nul(item) for item in value)
+    return False
 
 
 def reject_constant(name: str):

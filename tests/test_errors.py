@@ -83,6 +83,19 @@ def test_a_body_that_is_not_valid_json_is_400_and_writes_nothing(app, seeded):
     assert snapshot(app) == before
 
 
+def test_a_string_holding_nul_is_400_on_every_engine_and_writes_nothing(app, seeded):
+    """PostgreSQL cannot store NUL in text, so no engine takes it."""
+    before = snapshot(app)
+    for body in (
+        {"changes": [todo("t9", "g1", text="nul \u0000 inside")]},
+        {"changes": [todo("t9", "g1")], "transactionId": "tx\u0000"},
+        {"changes": [{**todo("t9", "g1"), "extra\u0000": 1}]},
+    ):
+        error = assert_error(seeded.post("/mutate", json=body), 400, "invalid_request")
+        assert "NUL" in error["message"]
+    assert snapshot(app) == before
+
+
 def test_an_unexpected_failure_is_a_json_500_of_type_server(app):
     def broken():
         raise RuntimeError("boom")

@@ -90,6 +90,13 @@ def test_a_cursor_past_the_head_is_refused_because_the_database_was_reset(seeded
     assert "from 0 to 5" in error["message"] and "Bootstrap again" in error["message"]
 
 
+def test_the_largest_possible_cursor_is_answered_not_overflowed(seeded):
+    """since + limit passes the largest 64-bit integer: the page's bound must not overflow."""
+    error = assert_error(seeded.get(f"/sync?since={2**63 - 1}&limit=5000"), 409, "unknown_cursor")
+    assert "from 0 to 5" in error["message"]
+    assert assert_error(seeded.get(f"/sync?since={2**63 - 1}&until={2**63 - 1}"), 409, "unknown_cursor")
+
+
 def test_replaying_the_log_from_zero_reproduces_the_rows(seeded):
     mutate(seeded, todo("t2", "g2"), update("Todo", "t1", text="edited", likeCount=4))
     mutate(seeded, delete("Todo", "t2"), update("Author", "a2", name="G. Hopper"), delete("Group", "g2"))
