@@ -14,7 +14,7 @@ from typing import Any
 
 from flask_sqlalchemy import SQLAlchemy
 from marshmallow import Schema, fields, validate
-from sqlalchemy import ColumnElement, ForeignKey, Index, String, Text, false, true
+from sqlalchemy import BigInteger, ColumnElement, ForeignKey, Index, String, Text, false, true
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -181,7 +181,7 @@ class Todo(db.Model):
     author_id: Mapped[str] = mapped_column(ForeignKey("authors.id"), index=True)
     group_id: Mapped[str] = mapped_column(ForeignKey("groups.id"), index=True)
     is_done: Mapped[bool]
-    like_count: Mapped[int]
+    like_count: Mapped[int] = mapped_column(BigInteger)  # the wire's Int64, also on PostgreSQL
 
 
 # --- Who may see what -------------------------------------------------------
