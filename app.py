@@ -1,8 +1,8 @@
-"""A Loco Sync backend: mutate, bootstrap and sync over JSON, on SQLite.
+"""A Loco Sync backend: mutate, bootstrap and sync over JSON, on SQLite or PostgreSQL.
 
 Read top to bottom, this file follows the protocol:
   1. configuration                      create_app
-  2. database setup                     configure_sqlite, read_head
+  2. database setup                     configure_database, lock_log, read_head
   3. who is calling                     authenticate, caller_sync_groups
   4. POST /mutate    (sendTransaction)  commit_changes writes rows + sync actions
   5. GET /bootstrap  (bootstrap)        rows and firstSyncId from one snapshot
@@ -789,7 +789,7 @@ def bootstrap():
     # The response is streamed a chunk of rows at a time, so a large bootstrap
     # never sits in memory whole. It reads everything on a connection of its
     # own, in one read transaction that lasts until the last chunk is sent:
-    # the rows and firstSyncId come from the same snapshot (see configure_sqlite).
+    # the rows and firstSyncId come from the same snapshot (see configure_database).
     connection = db.engine.connect()
     try:
         connection.begin()
