@@ -443,7 +443,7 @@ def postgres_rows(base_url: str, size: dict, serve) -> list[tuple[str, ...]]:
     for label, workers in zip("abc", (1, 2, 4)):
         rate = rates[workers]
         rows.append((f"7{label}", f"PostgreSQL: POST /mutate, one-change create, {CONNECTIONS} clients, {workers} app process{'es' if workers > 1 else ''}",
-                     f"{rate.per_second:,.0f} tx/s" + failures(rate), "7a", f"{rate.per_second / rates[1].per_second:.2f}", ""))
+                     f"{rate.per_second:,.0f} tx/s" + failures(rate), "7a", f"{rate.per_second / rates[1].per_second:.2f}" if rates[1].per_second else "", ""))
     url, tokens = new_postgres_database(base_url, "lock")
     locked, naive = serve(url, "postgres-locked", workers=4), serve(url, "postgres-naive", workers=4, app="bench.naive_app:app")
     pairs = []
@@ -453,7 +453,8 @@ def postgres_rows(base_url: str, size: dict, serve) -> list[tuple[str, ...]]:
     locked.stop()
     naive.stop()
     with_lock, without = merged([p[0] for p in pairs]), merged([p[1] for p in pairs])
-    cost = statistics.median(b.per_second / a.per_second for a, b in pairs)  # time per mutation, with the lock over without
+    # Time per mutation, with the lock over without; a run that completed nothing (a stall) counts as infinite.
+    cost = statistics.median(b.per_second / a.per_second if a.per_second else float("inf") for a, b in pairs)
     rows.append(("7d", "PostgreSQL: the same, 4 app processes, with the log lock vs without it (the naive design, which can skip actions)",
                  f"{with_lock.per_second:,.0f} vs {without.per_second:,.0f} tx/s" + failures(with_lock, without), "without the lock", f"cost × {cost:.2f}", ""))
     return rows
