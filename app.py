@@ -39,7 +39,7 @@ from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Blueprint, Flask, current_app, g, render_template, request
 from flask.cli import with_appcontext
 from marshmallow import Schema, ValidationError, fields, post_load, validate, validates_schema
-from sqlalchemy import event, select
+from sqlalchemy import event, inspect, select
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.schema import CreateIndex, CreateTable, DropTable
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
@@ -88,8 +88,9 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         sqlite_file = db.engine.url.database if app.extensions["flavour"].name == "sqlite" else None
         app.extensions["log_watcher"] = LogWatcher(db.engine, sqlite_file, app.config["LOG_CHECK_INTERVAL_S"])
         app.extensions["writer"] = Writer(sqlite_file, app.config, postgres=app.extensions["flavour"].name == "postgresql")
-        # Under the write lock, with busy retries, so server processes starting together do not race.
-        in_write_transaction(create_schema)
+        if not schema_is_complete(db.engine):
+            # Under the write lock, with busy retries, so server processes starting together do not race.
+            in_write_transaction(create_schema)
     app.teardown_appcontext(return_connection)
 
     app.register_blueprint(api)
@@ -297,6 +298,22 @@ def read_log_bounds(db_connection: DbConnection) -> tuple[int, int]:
 
 def read_head(db_connection: DbConnection) -> int:
     return read_log_bounds(db_connection)[1]
+
+
+def schema_is_complete(engine: Engine) -> bool:
+    """Whether every table and index of models.py exists, read from the catalog.
+
+    A server starting on an existing database runs no DDL: on PostgreSQL even
+    CREATE INDEX IF NOT EXISTS locks its table against writes, so a server
+    starting beside busy ones deadlocked with their writers, and every
+    mutation stalled for PostgreSQL's deadlock_timeout (1 s)."""
+    catalog = inspect(engine)
+    for table in db.metadata.sorted_tables:
+        if not catalog.has_table(table.name):
+            return False
+        if {index.name for index in table.indexes} - {index["name"] for index in catalog.get_indexes(table.name)}:
+            return False
+    return True
 
 
 def create_schema(db_connection: DbConnection) -> None:

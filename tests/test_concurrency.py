@@ -1,29 +1,37 @@
 """Through a real server on 127.0.0.1, writers and pollers of two users at
 once: every poller sees each committed action it may see exactly once, in
 order, and replaying the log from 0 reproduces the rows. And server
-processes starting together on a new database all create it cleanly."""
+processes starting together on a new database all create it cleanly, and a
+process starting beside busy ones does not get in their way."""
 
 import json
 import random
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+from sqlalchemy import text
+
+from app import create_app
 from helpers import (
     action_groups,
     as_store,
     assert_log_holds_exactly,
     create,
     group,
+    mutate,
     random_transaction,
     read_log_with,
+    reader,
     replay,
     run_clients,
     sign_in,
 )
+from models import db
 
 WRITERS = 8  # half Ada (every group), half Grace (g1 only)
 TRANSACTIONS_PER_WRITER = 25
@@ -114,3 +122,25 @@ def test_server_processes_starting_together_on_a_new_database_all_create_it_clea
     processes = [subprocess.Popen([sys.executable, "-c", start], cwd=ROOT, stderr=subprocess.PIPE) for _ in range(6)]
     failures = [p.stderr.read().decode() for p in processes if p.wait(timeout=60) != 0]
     assert failures == []
+
+
+def test_a_server_starting_beside_a_busy_one_does_not_wait_for_its_writes(app, database_url):
+    """A server starts while another one's write transaction is open. On
+    PostgreSQL even CREATE INDEX IF NOT EXISTS locks its table against writes:
+    a server booting beside busy ones deadlocked with their writers, and every
+    mutation stalled for PostgreSQL's deadlock_timeout (1 s). On SQLite it
+    queued for the write lock. An existing schema is read, not created again."""
+    ada = sign_in(app, "Ada")
+    mutate(ada, group("g1"), create("Author", "a1", name="Ada"))
+    with reader(database_url).connect() as busy:
+        busy.begin()
+        busy.execute(text("INSERT INTO todos (id, text, author_id, group_id, is_done, like_count) VALUES ('t1', 'Busy', 'a1', 'g1', false, 0)"))
+        started = {}
+        starting = threading.Thread(target=lambda: started.update(app=create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": database_url})))
+        starting.start()
+        starting.join(timeout=5)
+        assert not starting.is_alive(), "the new server waited for the open write transaction"
+        busy.commit()
+    assert "app" in started
+    with started["app"].app_context():
+        db.engine.dispose()
