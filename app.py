@@ -84,10 +84,10 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
     db.init_app(app)
     with app.app_context():
-        app.extensions["flavour"] = configure_database(db.engine, app.config)
-        sqlite_file = db.engine.url.database if app.extensions["flavour"].name == "sqlite" else None
+        chosen = app.extensions["flavour"] = configure_database(db.engine, app.config)
+        sqlite_file = None if chosen.postgres else db.engine.url.database
         app.extensions["log_watcher"] = LogWatcher(db.engine, sqlite_file, app.config["LOG_CHECK_INTERVAL_S"])
-        app.extensions["writer"] = Writer(sqlite_file, app.config, postgres=app.extensions["flavour"].name == "postgresql")
+        app.extensions["writer"] = Writer(sqlite_file, app.config, postgres=chosen.postgres)
         if not schema_is_complete(db.engine):
             # Under the write lock, with busy retries, so server processes starting together do not race.
             in_write_transaction(create_schema)
@@ -134,6 +134,10 @@ class Flavour:
     begin_read: str  # one snapshot for every statement until COMMIT
     begin_write: str  # serializable, and on SQLite the write lock at once
     page: str  # GET /sync's one statement: see PAGE_SQLITE
+
+    @property
+    def postgres(self) -> bool:
+        return self.name == "postgresql"
 
 
 def flavour() -> Flavour:
@@ -206,7 +210,7 @@ def connection() -> DbConnection:
 
 def speaking_sql(pooled) -> DbConnection:
     """A pooled connection, as the app's SQL is sent to it."""
-    return PostgresConnection(pooled) if flavour().name == "postgresql" else pooled
+    return PostgresConnection(pooled) if flavour().postgres else pooled
 
 
 def return_connection(_error=None) -> None:
@@ -275,7 +279,7 @@ def lock_log(db_connection: DbConnection) -> None:
     sequence are handed out at insert time but become visible at commit: A
     could take 10, B take 11 and commit, a poller read past 11, and only then
     A commit 10, which that poller would never see."""
-    if flavour().name == "postgresql":
+    if flavour().postgres:
         db_connection.execute("SELECT pg_advisory_xact_lock(?)", (LOG_LOCK,))
 
 
@@ -317,7 +321,7 @@ def schema_is_complete(engine: Engine) -> bool:
 
 
 def create_schema(db_connection: DbConnection) -> None:
-    if flavour().name == "postgresql":
+    if flavour().postgres:
         # CREATE TABLE IF NOT EXISTS can still collide with a concurrent one there.
         db_connection.execute("SELECT pg_advisory_xact_lock(?)", (LOG_LOCK + 1,))
     for statement in schema_statements():
@@ -326,7 +330,7 @@ def create_schema(db_connection: DbConnection) -> None:
 
 def start_log_after(db_connection: DbConnection, sync_id: int) -> None:
     """The next syncId handed out is sync_id + 1."""
-    if flavour().name == "postgresql":
+    if flavour().postgres:
         db_connection.execute("SELECT setval(pg_get_serial_sequence('sync_action', 'id'), ?)", (sync_id,))
     else:
         db_connection.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('sync_action', ?)", (sync_id,))
@@ -703,7 +707,7 @@ def append_to_log(db_connection: DbConnection, pending: list[PendingAction]) -> 
         db_connection.executemany(
             "INSERT INTO sync_action_group (sync_group, sync_action_id) VALUES (?, ?)", [(group, sync_id) for group in action.sync_groups]
         )
-    if flavour().name == "postgresql":
+    if flavour().postgres:
         db_connection.execute("SELECT pg_notify('sync_log', ?)", (str(sync_id),))  # delivered at COMMIT: see LogWatcher
     return sync_id
 

@@ -15,7 +15,7 @@ from typing import Any
 from flask_sqlalchemy import SQLAlchemy
 from marshmallow import Schema, fields, validate
 from sqlalchemy import BigInteger, ColumnElement, ForeignKey, Index, String, Text, false, true
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
 class Base(DeclarativeBase):
@@ -220,7 +220,6 @@ class SyncAction(db.Model):
     model_name: Mapped[str] = mapped_column(String(MAX_ID_LENGTH))
     model_id: Mapped[str] = mapped_column(String(MAX_ID_LENGTH))
     data: Mapped[str | None] = mapped_column(Text)  # the full row as compact JSON, sent as stored; None for delete
-    sync_groups: Mapped[list[SyncActionGroup]] = relationship()
 
 
 class SyncActionGroup(db.Model):
