@@ -7,7 +7,9 @@ It starts its own servers on 127.0.0.1 under the configuration the README gives
 for production (gunicorn, 4 workers x 4 threads), drives every request-rate row
 with the same load generator (wrk, `apt-get install wrk`) at 16 connections,
 and prints a markdown table: each figure beside its ceiling, measured in the
-same run, and the ratio the issue's target is about.
+same run, and the ratio the issue's target is about. Request rates also give
+the CPU time the server's workers spent on each request (user + system, from
+/proc), a cost that does not depend on what else shares the cores.
 """
 
 from __future__ import annotations
@@ -149,25 +151,37 @@ class Rate:
     per_second: float
     requests: int
     failed: int
+    cpu_us: float = 0.0  # CPU time of the server's workers (user + system) per request
 
 
-def wrk(url: str, seconds: float, token: str | None = None, script: str | None = None, args: list[str] = (), warm_up: bool = True) -> Rate:
+def wrk(server: Gunicorn, path: str, seconds: float, token: str | None = None, script: str | None = None, args: list[str] = (),
+        warm_up: bool = True) -> Rate:
     """Requests per second at CONNECTIONS connections, after a warm-up run whose figure is dropped
     (a server's first seconds are much slower, in every row alike)."""
     if warm_up:
-        wrk(url, max(1, round(seconds / 3)), token, script, [f"{args[0]}-warm-up"] if args else [], warm_up=False)
+        wrk(server, path, max(1, round(seconds / 3)), token, script, [f"{args[0]}-warm-up", *args[1:]] if args else [], warm_up=False)
     command = ["wrk", "--threads", "2", "--connections", str(CONNECTIONS), "--duration", f"{seconds:g}s", "--timeout", "10s"]
     if token:
         command += ["--header", f"Authorization: Bearer {token}", "--header", "Content-Type: application/json"]
     if script:
         command += ["--script", str(ROOT / "bench" / script)]
-    output = subprocess.run([*command, url, *(["--", *args] if args else [])], capture_output=True, text=True, check=True).stdout
+    workers = workers_of(server)
+    cpu_before = sum(map(cpu_seconds, workers))
+    output = subprocess.run([*command, server.url + path, *(["--", *args] if args else [])], capture_output=True, text=True, check=True).stdout
+    cpu = sum(map(cpu_seconds, workers)) - cpu_before
     failed = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", output))
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
     if errors:
         failed += sum(map(int, errors.groups()))
     requests = int(re.search(r"(\d+) requests in", output)[1])
-    return Rate(float(re.search(r"Requests/sec:\s+([\d.]+)", output)[1]), requests, failed)
+    return Rate(float(re.search(r"Requests/sec:\s+([\d.]+)", output)[1]), requests, failed, cpu / requests * 1e6 if requests else 0.0)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process, all its threads."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Client:
@@ -330,38 +344,38 @@ def main() -> None:
             """The median rate of `measure` and its median ratio to the no-op endpoint, measured turn about."""
             pairs = []
             for _ in range(size["rounds"]):
-                ceilings.append(wrk(noop.url + "/", size["seconds"]))
+                ceilings.append(wrk(noop, "/", size["seconds"]))
                 pairs.append((measure(), ceilings[-1]))
             return merged([rate for rate, _ in pairs]), statistics.median(rate.per_second / ceiling.per_second for rate, ceiling in pairs)
 
         progress("floors: the token check alone, and a mutation checked but not written")
         url, path, tokens = new_database(directory, "main")
         floor_server = serve(url, "floor", app="bench.floor_app:app")
-        auth_floor, auth_ratio = against_noop(lambda: wrk(floor_server.url + "/floor/auth", size["seconds"], tokens["typical"]))
+        auth_floor, auth_ratio = against_noop(lambda: wrk(floor_server, "/floor/auth", size["seconds"], tokens["typical"]))
         validate_floor, validate_ratio = against_noop(
-            lambda: wrk(floor_server.url, size["seconds"], tokens["typical"], "mutate.lua", [f"floor{time.monotonic_ns()}", "/floor/validate"])
+            lambda: wrk(floor_server, "/", size["seconds"], tokens["typical"], "mutate.lua", [f"floor{time.monotonic_ns()}", "/floor/validate"])
         )
         floor_server.stop()
 
         progress("POST /mutate and GET /sync")
         app_server = serve(url, "main")
-        mutate, ratio = against_noop(lambda: wrk(app_server.url + "/mutate", size["seconds"], tokens["typical"], "mutate.lua", [f"run{time.monotonic_ns()}"]))
-        rows.append(("2", f"POST /mutate, one-change create, {CONNECTIONS} clients", f"{mutate.per_second:,.0f} tx/s" + failures(mutate), "1a",
+        mutate, ratio = against_noop(lambda: wrk(app_server, "/mutate", size["seconds"], tokens["typical"], "mutate.lua", [f"run{time.monotonic_ns()}"]))
+        rows.append(("2", f"POST /mutate, one-change create, {CONNECTIONS} clients", f"{mutate.per_second:,.0f} tx/s" + cpu(mutate) + failures(mutate), "1a",
                      f"{ratio:.2f} (of 1b: {mutate.per_second / raw_rate:.2f}; of 1d: {mutate.per_second / validate_floor.per_second:.2f})",
                      verdict(ratio >= 0.5, "≥ 0.5")))
         head = head_of(path)
-        empty, ratio = against_noop(lambda: wrk(f"{app_server.url}/sync?since={head}", size["seconds"], tokens["typical"]))
-        rows.append(("3a", "GET /sync, nothing new", f"{empty.per_second:,.0f} req/s" + failures(empty), "1a",
+        empty, ratio = against_noop(lambda: wrk(app_server, f"/sync?since={head}", size["seconds"], tokens["typical"]))
+        rows.append(("3a", "GET /sync, nothing new", f"{empty.per_second:,.0f} req/s" + cpu(empty) + failures(empty), "1a",
                      f"{ratio:.2f} (of 1c: {empty.per_second / auth_floor.per_second:.2f})", verdict(ratio >= 0.7, "≥ 0.7")))
-        page, ratio = against_noop(lambda: wrk(f"{app_server.url}/sync?since={head - 100}", size["seconds"], tokens["typical"]))
-        rows.append(("3b", "GET /sync, a 100-action page", f"{page.per_second:,.0f} req/s" + failures(page), "1a", f"{ratio:.2f}", verdict(ratio >= 0.3, "≥ 0.3")))
+        page, ratio = against_noop(lambda: wrk(app_server, f"/sync?since={head - 100}", size["seconds"], tokens["typical"]))
+        rows.append(("3b", "GET /sync, a 100-action page", f"{page.per_second:,.0f} req/s" + cpu(page) + failures(page), "1a", f"{ratio:.2f}", verdict(ratio >= 0.3, "≥ 0.3")))
         app_server.stop()
         rows[:0] = [
-            ("1a", "No-op JSON endpoint (ceiling)", f"{merged(ceilings).per_second:,.0f} req/s", "", "", ""),
+            ("1a", "No-op JSON endpoint (ceiling)", f"{merged(ceilings).per_second:,.0f} req/s" + cpu(merged(ceilings)), "", "", ""),
             ("1b", "Raw sqlite3: one mutation's writes per transaction (ceiling)", f"{raw_rate:,.0f} tx/s", "", "", ""),
-            ("1c", "Floor of a poll: the token check alone (`bench/floor_app.py`)", f"{auth_floor.per_second:,.0f} req/s" + failures(auth_floor),
+            ("1c", "Floor of a poll: the token check alone (`bench/floor_app.py`)", f"{auth_floor.per_second:,.0f} req/s" + cpu(auth_floor) + failures(auth_floor),
              "1a", f"{auth_ratio:.2f}", ""),
-            ("1d", "Floor of a mutation: checked (token, JSON, schema, fingerprint), not written", f"{validate_floor.per_second:,.0f} req/s" + failures(validate_floor),
+            ("1d", "Floor of a mutation: checked (token, JSON, schema, fingerprint), not written", f"{validate_floor.per_second:,.0f} req/s" + cpu(validate_floor) + failures(validate_floor),
              "1a", f"{validate_ratio:.2f}", ""),
         ]
 
@@ -376,7 +390,7 @@ def main() -> None:
             rates = {actions: [] for actions in history}
             for _ in range(size["rounds"]):  # turn about, as for the ratios to the no-op endpoint
                 for actions, (server, head, tokens) in history.items():
-                    rates[actions].append(wrk(f"{server.url}/sync?since={head - since_back}", size["seconds"], tokens[token]))
+                    rates[actions].append(wrk(server, f"/sync?since={head - since_back}", size["seconds"], tokens[token]))
             cost = statistics.median(s.per_second / l.per_second for s, l in zip(rates[small], rates[large]))  # time per request, large over small
             large_rate, small_rate = merged(rates[large]), merged(rates[small])
             rows.append((f"4{'ab'[n]}", f"GET /sync, a 100-action page, {who}: {large:,} vs {small:,} actions of history",
@@ -437,19 +451,19 @@ def postgres_rows(base_url: str, size: dict, serve) -> list[tuple[str, ...]]:
     for workers in (1, 2, 4):
         url, tokens = new_postgres_database(base_url, f"w{workers}")
         server = serve(url, f"postgres-{workers}", workers=workers)
-        runs = [wrk(server.url + "/mutate", size["seconds"], tokens["typical"], "mutate.lua", [f"pg{workers}-{n}-{time.monotonic_ns()}"]) for n in range(size["rounds"])]
+        runs = [wrk(server, "/mutate", size["seconds"], tokens["typical"], "mutate.lua", [f"pg{workers}-{n}-{time.monotonic_ns()}"]) for n in range(size["rounds"])]
         server.stop()
         rates[workers] = merged(runs)
     for label, workers in zip("abc", (1, 2, 4)):
         rate = rates[workers]
         rows.append((f"7{label}", f"PostgreSQL: POST /mutate, one-change create, {CONNECTIONS} clients, {workers} app process{'es' if workers > 1 else ''}",
-                     f"{rate.per_second:,.0f} tx/s" + failures(rate), "7a", f"{rate.per_second / rates[1].per_second:.2f}" if rates[1].per_second else "", ""))
+                     f"{rate.per_second:,.0f} tx/s" + cpu(rate) + failures(rate), "7a", f"{rate.per_second / rates[1].per_second:.2f}" if rates[1].per_second else "", ""))
     url, tokens = new_postgres_database(base_url, "lock")
     locked, naive = serve(url, "postgres-locked", workers=4), serve(url, "postgres-naive", workers=4, app="bench.naive_app:app")
     pairs = []
     for n in range(size["rounds"]):
-        pairs.append((wrk(locked.url + "/mutate", size["seconds"], tokens["typical"], "mutate.lua", [f"locked-{n}-{time.monotonic_ns()}"]),
-                      wrk(naive.url + "/mutate", size["seconds"], tokens["typical"], "mutate.lua", [f"naive-{n}-{time.monotonic_ns()}"])))
+        pairs.append((wrk(locked, "/mutate", size["seconds"], tokens["typical"], "mutate.lua", [f"locked-{n}-{time.monotonic_ns()}"]),
+                      wrk(naive, "/mutate", size["seconds"], tokens["typical"], "mutate.lua", [f"naive-{n}-{time.monotonic_ns()}"])))
     locked.stop()
     naive.stop()
     with_lock, without = merged([p[0] for p in pairs]), merged([p[1] for p in pairs])
@@ -461,7 +475,13 @@ def postgres_rows(base_url: str, size: dict, serve) -> list[tuple[str, ...]]:
 
 
 def merged(rates: list[Rate]) -> Rate:
-    return Rate(statistics.median(rate.per_second for rate in rates), sum(r.requests for r in rates), sum(r.failed for r in rates))
+    return Rate(statistics.median(rate.per_second for rate in rates), sum(r.requests for r in rates), sum(r.failed for r in rates),
+                statistics.median(rate.cpu_us for rate in rates))
+
+
+def cpu(rate: Rate) -> str:
+    """What a request cost the server's processes, whatever else shared the cores."""
+    return f"; {rate.cpu_us:,.0f} µs of server CPU each"
 
 
 def failures(*rates: Rate) -> str:
