@@ -708,7 +708,8 @@ def append_to_log(db_connection: DbConnection, pending: list[PendingAction]) -> 
             "INSERT INTO sync_action_group (sync_group, sync_action_id) VALUES (?, ?)", [(group, sync_id) for group in action.sync_groups]
         )
     if flavour().postgres:
-        db_connection.execute("SELECT pg_notify('sync_log', ?)", (str(sync_id),))  # delivered at COMMIT: see LogWatcher
+        # Delivered at COMMIT to every listener of the database, so it names its schema: see LogWatcher.
+        db_connection.execute("SELECT pg_notify('sync_log', current_schema() || ' ' || ?)", (str(sync_id),))
     return sync_id
 
 
@@ -1020,8 +1021,8 @@ class LogWatcher:
     when another connection commits) every `interval_s`, and only while some
     poll is held; it sleeps otherwise. On PostgreSQL it listens for the
     notification every write transaction sends at COMMIT (append_to_log),
-    blocked in the driver between them. `close` releases every held poll,
-    for a quick shutdown.
+    blocked in the driver between them, and keeps those of its own schema.
+    `close` releases every held poll, for a quick shutdown.
     """
 
     def __init__(self, engine: Engine, sqlite_file: str | None, interval_s: float):
@@ -1035,6 +1036,8 @@ class LogWatcher:
     def wait_past(self, since: int, deadline: float) -> bool:
         """Wait until the head is past `since` (True), or the deadline or close comes first (False)."""
         with self.changed:
+            if self.closed or time.monotonic() >= deadline:
+                return False  # whatever the head says, a poll never outlives its wait
             if self.head > since:
                 return True
             self.waiting += 1
@@ -1071,10 +1074,14 @@ class LogWatcher:
         pooled.detach()  # this one stays with the watcher
         try:
             listener.execute("LISTEN sync_log")
-            self.advance(listener.execute("SELECT coalesce(max(id), 0) FROM sync_action").fetchone()[0])
+            schema, head = listener.execute("SELECT current_schema(), coalesce(max(id), 0) FROM sync_action").fetchone()
+            self.advance(head)
             while not self.closed:
                 for notification in listener.notifies(timeout=1.0):
-                    self.advance(int(notification.payload))
+                    # Another schema's syncIds are not this log's: counted, a held poll would spin.
+                    of_schema, _, sync_id = notification.payload.rpartition(" ")
+                    if of_schema == schema:
+                        self.advance(int(sync_id))
         finally:
             listener.close()
 

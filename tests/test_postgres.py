@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
 import app as app_module
-from app import apply_transaction, create_app, flavour, load, MutateSchema, speaking_sql
+from app import apply_transaction, create_app, flavour, load, MutateSchema, read_page, speaking_sql
 from helpers import assert_error, create, fresh_database, group, mutate, sign_in, todo, update
 from models import db
 
@@ -144,3 +145,32 @@ def test_serialization_failures_that_persist_are_503_and_write_nothing(pg_app, m
     assert len(attempts) == pg_app.config["SERIALIZATION_RETRIES"] + 1
     monkeypatch.undo()
     assert ada.get("/bootstrap?type=eager&models=Todo").get_json()["bootstrap"]["Todo"] == []
+
+
+def test_a_held_poll_is_not_woken_by_the_log_of_another_schema(tmp_path, monkeypatch):
+    """Two apps on two schemas of one database share PostgreSQL's notifications.
+    One's syncIds must not count as the other's: a poll held on the first, told
+    of a higher syncId by the second, would read, find nothing, and read again
+    at once until its wait ended, a busy loop."""
+    with fresh_database("postgresql", tmp_path / "a") as url_a, fresh_database("postgresql", tmp_path / "b") as url_b:
+        apps = [create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": url}) for url in (url_a, url_b)]
+        try:
+            ada, bob = sign_in(apps[0], "Ada"), sign_in(apps[1], "Bob")
+            mutate(ada, group("g1"))
+            head = ada.get("/sync").get_json()["lastSyncId"]
+            reads = []
+            monkeypatch.setattr(app_module, "read_page", lambda *args: reads.append(args) or read_page(*args))
+            held = {}
+            poll = threading.Thread(target=lambda: held.update(page=ada.get(f"/sync?since={head}&wait=2").get_json()))
+            poll.start()
+            time.sleep(0.5)  # the poll is held, and the listener of Ada's app listens
+            mutate(bob, group("h1"), *(group(f"h{n}") for n in range(2, 12)))  # syncIds above Ada's head, in the other schema
+            poll.join()
+
+            assert held["page"]["sync"] == [] and held["page"]["lastSyncId"] == head
+            assert len(reads) <= 2, f"the held poll read its page {len(reads)} times"
+        finally:
+            for app in apps:
+                app.extensions["log_watcher"].close()
+                with app.app_context():
+                    db.engine.dispose()
