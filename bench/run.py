@@ -1,6 +1,6 @@
 """The benchmark: every figure of the README's performance table, in one run.
 
-    python bench/run.py            # full sizes: about six minutes on two cores
+    python bench/run.py            # full sizes: seven to ten minutes on two cores
     python bench/run.py --smoke    # tiny sizes, to prove the script works (the tests run this)
 
 It starts its own servers on 127.0.0.1 under the configuration the README gives
