@@ -32,11 +32,11 @@ def test_the_benchmark_measures_every_row_of_its_table():
     table = {line.split("|")[1].strip(): line for line in result.stdout.splitlines() if re.match(r"\| \d[a-d]? \|", line)}
     assert list(table) == ROWS + (POSTGRES_ROWS if os.environ.get("TEST_DATABASE_URL") else []), result.stdout
     for row, line in table.items():
-        result = line.split("|")[3]
-        assert re.search(r"\d", result), f"row {row} has no figure: {line}"
+        figure = line.split("|")[3]
+        assert re.search(r"\d", figure), f"row {row} has no figure: {line}"
         # No rate may be zero: a row that completed nothing in its run stalled (as a server
         # starting beside busy ones once made every mutation wait for a deadlock to time out).
-        rates = re.findall(r"([\d,]+(?:\.\d+)?) (?=vs |tx/s|req/s|rows/s)", result)
+        rates = re.findall(r"([\d,]+(?:\.\d+)?) (?=vs |tx/s|req/s|rows/s)", figure)
         assert all(float(rate.replace(",", "")) > 0 for rate in rates), f"row {row} stalled: {line}"
         # On PostgreSQL a mutation whose serializable transaction keeps conflicting is answered
         # 503 after its retries, as the protocol allows (the client retries); the row counts them.
