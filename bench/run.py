@@ -168,13 +168,13 @@ def wrk(server: Gunicorn, path: str, seconds: float, token: str | None = None, s
     workers = workers_of(server)
     cpu_before = sum(map(cpu_seconds, workers))
     output = subprocess.run([*command, server.url + path, *(["--", *args] if args else [])], capture_output=True, text=True, check=True).stdout
-    cpu = sum(map(cpu_seconds, workers)) - cpu_before
+    spent = sum(map(cpu_seconds, workers)) - cpu_before
     failed = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", output))
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
     if errors:
         failed += sum(map(int, errors.groups()))
     requests = int(re.search(r"(\d+) requests in", output)[1])
-    return Rate(float(re.search(r"Requests/sec:\s+([\d.]+)", output)[1]), requests, failed, cpu / requests * 1e6 if requests else 0.0)
+    return Rate(float(re.search(r"Requests/sec:\s+([\d.]+)", output)[1]), requests, failed, spent / requests * 1e6 if requests else 0.0)
 
 
 def cpu_seconds(pid: int) -> float:
