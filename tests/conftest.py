@@ -4,8 +4,7 @@ import pytest
 from werkzeug.serving import make_server
 
 from app import create_app
-from helpers import ENGINES, create, fresh_database, group, mutate, sign_in, todo
-from models import db
+from helpers import ENGINES, create, fresh_database, group, mutate, shut_down, sign_in, todo
 
 
 def pytest_configure(config):
@@ -34,12 +33,7 @@ def app(database_url):
     """An app on its own fresh database."""
     app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": database_url})
     yield app
-    watcher = app.extensions["log_watcher"]
-    watcher.close()  # its thread, if a held poll started one, ends and lets go of its connection
-    if watcher.thread is not None:
-        watcher.thread.join(timeout=5)
-    with app.app_context():
-        db.engine.dispose()
+    shut_down(app)
 
 
 @pytest.fixture

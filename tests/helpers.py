@@ -18,7 +18,7 @@ from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.pool import NullPool
 
 from app import in_write_transaction, join, leave, new_user
-from models import SYNCED_MODELS
+from models import SYNCED_MODELS, db
 
 # --- The database under test: SQLite always, PostgreSQL when TEST_DATABASE_URL is set ---
 
@@ -74,6 +74,18 @@ def fresh_database(engine: str, directory: str | Path) -> Iterator[str]:
             )
             connection.execute(text(f"DROP SCHEMA {schema} CASCADE"))
         admin.dispose()
+
+
+def shut_down(app) -> None:
+    """Release what an app holds, so that its database can be dropped: its
+    watcher's thread, if a held poll started one, ends and lets go of its
+    connection, and the pool closes the rest."""
+    watcher = app.extensions["log_watcher"]
+    watcher.close()
+    if watcher.thread is not None:
+        watcher.thread.join(timeout=5)
+    with app.app_context():
+        db.engine.dispose()
 
 
 READERS: dict[str, Engine] = {}

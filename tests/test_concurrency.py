@@ -29,9 +29,9 @@ from helpers import (
     reader,
     replay,
     run_clients,
+    shut_down,
     sign_in,
 )
-from models import db
 
 WRITERS = 8  # half Ada (every group), half Grace (g1 only)
 TRANSACTIONS_PER_WRITER = 25
@@ -142,5 +142,4 @@ def test_a_server_starting_beside_a_busy_one_does_not_wait_for_its_writes(app, d
         assert not starting.is_alive(), "the new server waited for the open write transaction"
         busy.commit()
     assert "app" in started
-    with started["app"].app_context():
-        db.engine.dispose()
+    shut_down(started["app"])

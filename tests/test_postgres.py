@@ -13,7 +13,7 @@ from sqlalchemy.engine import make_url
 
 import app as app_module
 from app import apply_transaction, create_app, flavour, load, MutateSchema, read_page, speaking_sql
-from helpers import assert_error, create, fresh_database, group, mutate, sign_in, todo, update
+from helpers import assert_error, create, fresh_database, group, mutate, shut_down, sign_in, todo, update
 from models import db
 
 TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL")
@@ -28,8 +28,7 @@ def pg_app(tmp_path):
     with fresh_database("postgresql", tmp_path) as url:
         app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": url})
         yield app
-        with app.app_context():
-            db.engine.dispose()
+        shut_down(app)
 
 
 def changes(*raw: dict):
@@ -171,6 +170,4 @@ def test_a_held_poll_is_not_woken_by_the_log_of_another_schema(tmp_path, monkeyp
             assert len(reads) <= 2, f"the held poll read its page {len(reads)} times"
         finally:
             for app in apps:
-                app.extensions["log_watcher"].close()
-                with app.app_context():
-                    db.engine.dispose()
+                shut_down(app)
