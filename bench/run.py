@@ -353,29 +353,29 @@ def main() -> None:
         floor_server = serve(url, "floor", app="bench.floor_app:app")
         auth_floor, auth_ratio = against_noop(lambda: wrk(floor_server, "/floor/auth", size["seconds"], tokens["typical"]))
         validate_floor, validate_ratio = against_noop(
-            lambda: wrk(floor_server, "/", size["seconds"], tokens["typical"], "mutate.lua", [f"floor{time.monotonic_ns()}", "/floor/validate"])
+            lambda: wrk(floor_server, "/floor/validate", size["seconds"], tokens["typical"], "mutate.lua", [f"floor{time.monotonic_ns()}", "/floor/validate"])
         )
         floor_server.stop()
 
         progress("POST /mutate and GET /sync")
         app_server = serve(url, "main")
         mutate, ratio = against_noop(lambda: wrk(app_server, "/mutate", size["seconds"], tokens["typical"], "mutate.lua", [f"run{time.monotonic_ns()}"]))
-        rows.append(("2", f"POST /mutate, one-change create, {CONNECTIONS} clients", f"{mutate.per_second:,.0f} tx/s" + cpu(mutate) + failures(mutate), "1a",
+        rows.append(("2", f"POST /mutate, one-change create, {CONNECTIONS} clients", measured(mutate, "tx/s"), "1a",
                      f"{ratio:.2f} (of 1b: {mutate.per_second / raw_rate:.2f}; of 1d: {mutate.per_second / validate_floor.per_second:.2f})",
                      verdict(ratio >= 0.5, "≥ 0.5")))
         head = head_of(path)
         empty, ratio = against_noop(lambda: wrk(app_server, f"/sync?since={head}", size["seconds"], tokens["typical"]))
-        rows.append(("3a", "GET /sync, nothing new", f"{empty.per_second:,.0f} req/s" + cpu(empty) + failures(empty), "1a",
+        rows.append(("3a", "GET /sync, nothing new", measured(empty, "req/s"), "1a",
                      f"{ratio:.2f} (of 1c: {empty.per_second / auth_floor.per_second:.2f})", verdict(ratio >= 0.7, "≥ 0.7")))
         page, ratio = against_noop(lambda: wrk(app_server, f"/sync?since={head - 100}", size["seconds"], tokens["typical"]))
-        rows.append(("3b", "GET /sync, a 100-action page", f"{page.per_second:,.0f} req/s" + cpu(page) + failures(page), "1a", f"{ratio:.2f}", verdict(ratio >= 0.3, "≥ 0.3")))
+        rows.append(("3b", "GET /sync, a 100-action page", measured(page, "req/s"), "1a", f"{ratio:.2f}", verdict(ratio >= 0.3, "≥ 0.3")))
         app_server.stop()
         rows[:0] = [
-            ("1a", "No-op JSON endpoint (ceiling)", f"{merged(ceilings).per_second:,.0f} req/s" + cpu(merged(ceilings)), "", "", ""),
+            ("1a", "No-op JSON endpoint (ceiling)", measured(merged(ceilings), "req/s"), "", "", ""),
             ("1b", "Raw sqlite3: one mutation's writes per transaction (ceiling)", f"{raw_rate:,.0f} tx/s", "", "", ""),
-            ("1c", "Floor of a poll: the token check alone (`bench/floor_app.py`)", f"{auth_floor.per_second:,.0f} req/s" + cpu(auth_floor) + failures(auth_floor),
+            ("1c", "Floor of a poll: the token check alone (`bench/floor_app.py`)", measured(auth_floor, "req/s"),
              "1a", f"{auth_ratio:.2f}", ""),
-            ("1d", "Floor of a mutation: checked (token, JSON, schema, fingerprint), not written", f"{validate_floor.per_second:,.0f} req/s" + cpu(validate_floor) + failures(validate_floor),
+            ("1d", "Floor of a mutation: checked (token, JSON, schema, fingerprint), not written", measured(validate_floor, "req/s"),
              "1a", f"{validate_ratio:.2f}", ""),
         ]
 
@@ -457,7 +457,7 @@ def postgres_rows(base_url: str, size: dict, serve) -> list[tuple[str, ...]]:
     for label, workers in zip("abc", (1, 2, 4)):
         rate = rates[workers]
         rows.append((f"7{label}", f"PostgreSQL: POST /mutate, one-change create, {CONNECTIONS} clients, {workers} app process{'es' if workers > 1 else ''}",
-                     f"{rate.per_second:,.0f} tx/s" + cpu(rate) + failures(rate), "7a", f"{rate.per_second / rates[1].per_second:.2f}" if rates[1].per_second else "", ""))
+                     measured(rate, "tx/s"), "7a", f"{rate.per_second / rates[1].per_second:.2f}" if rates[1].per_second else "", ""))
     url, tokens = new_postgres_database(base_url, "lock")
     locked, naive = serve(url, "postgres-locked", workers=4), serve(url, "postgres-naive", workers=4, app="bench.naive_app:app")
     pairs = []
@@ -479,9 +479,9 @@ def merged(rates: list[Rate]) -> Rate:
                 statistics.median(rate.cpu_us for rate in rates))
 
 
-def cpu(rate: Rate) -> str:
-    """What a request cost the server's processes, whatever else shared the cores."""
-    return f"; {rate.cpu_us:,.0f} µs of server CPU each"
+def measured(rate: Rate, unit: str) -> str:
+    """A rate, what each request cost the server's processes (whatever else shared the cores), and any failures."""
+    return f"{rate.per_second:,.0f} {unit}; {rate.cpu_us:,.0f} µs of server CPU each" + failures(rate)
 
 
 def failures(*rates: Rate) -> str:
