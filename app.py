@@ -39,8 +39,8 @@ from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Blueprint, Flask, current_app, g, render_template, request
 from flask.cli import with_appcontext
 from marshmallow import Schema, ValidationError, fields, post_load, validate, validates_schema
-from sqlalchemy import event, inspect, select
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy import event, inspect
+from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.schema import CreateIndex, CreateTable, DropTable
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
@@ -131,6 +131,7 @@ class Flavour:
     """What one kind of database needs said its own way."""
 
     name: str  # "sqlite" or "postgresql"
+    dialect: Dialect  # SQLAlchemy's, whose column types convert values to and from the driver's
     begin_read: str  # one snapshot for every statement until COMMIT
     begin_write: str  # serializable, and on SQLite the write lock at once
     page: str  # GET /sync's one statement: see PAGE_SQLITE
@@ -161,17 +162,13 @@ def configure_database(engine: Engine, config: dict[str, Any]) -> Flavour:
         dbapi_connection.execute(f"PRAGMA busy_timeout = {int(config['SQLITE_BUSY_TIMEOUT_MS'])}")
 
     if engine.dialect.name == "postgresql":
-        chosen = Flavour("postgresql", "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", "BEGIN ISOLATION LEVEL SERIALIZABLE", PAGE_POSTGRESQL)
+        chosen = Flavour(
+            "postgresql", engine.dialect, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", "BEGIN ISOLATION LEVEL SERIALIZABLE", PAGE_POSTGRESQL
+        )
     elif engine.dialect.name == "sqlite":
-        chosen = Flavour("sqlite", "BEGIN DEFERRED", "BEGIN IMMEDIATE", PAGE_SQLITE)
+        chosen = Flavour("sqlite", engine.dialect, "BEGIN DEFERRED", "BEGIN IMMEDIATE", PAGE_SQLITE)
     else:
         raise RuntimeError(f"DATABASE_URL names a {engine.dialect.name} database; this app runs on SQLite or PostgreSQL.")
-
-    @event.listens_for(engine, "begin")
-    def on_begin(connection):
-        # For the bootstrap's SQLAlchemy connection: one snapshot from its first read.
-        connection.exec_driver_sql(chosen.begin_read)
-
     return chosen
 
 
@@ -187,6 +184,12 @@ class PostgresConnection:
     def executemany(self, sql: str, rows: list) -> None:
         with self.driver.cursor() as cursor:
             cursor.executemany(pyformat(sql), rows)
+
+    def stream(self, sql: str, params: list):
+        """A server-side cursor, which fetches rows as they are read (sqlite3's cursors always do)."""
+        cursor = self.driver.cursor(name="stream")
+        cursor.execute(pyformat(sql), params)
+        return cursor
 
     @property
     def in_transaction(self) -> bool:
@@ -641,7 +644,7 @@ def apply_transaction(db_connection: DbConnection, changes: list[Change], user_i
 
 def apply_change(db_connection: DbConnection, index: int, change: Change, caller: Caller) -> PendingAction:
     """Apply one change to its row; return the sync action that logs it."""
-    model, sql = change.model, row_sql(change.model)
+    model, sql, dialect = change.model, row_sql(change.model), flavour().dialect
 
     def reject(code: str, reason: str, status: int = 409):
         where = f"changes[{index}] ({change.action} {model.name} {change.model_id!r})"
@@ -652,8 +655,9 @@ def apply_change(db_connection: DbConnection, index: int, change: Change, caller
         if not set(sync_groups) <= caller.sync_groups:
             reject("forbidden", reason, status=403)
 
-    stored = db_connection.execute(sql.select, (change.model_id,)).fetchone()
-    row = None if stored is None else dict(zip(model.columns, stored))
+    found = db_connection.execute(sql.select, (change.model_id,))
+    stored = found.fetchone()
+    row = None if stored is None else model.reader(dialect, found.description).values(stored)
     if change.action == "create":
         if row is not None:
             reject("already_exists", f"{model.name} {change.model_id!r} already exists.")
@@ -668,7 +672,7 @@ def apply_change(db_connection: DbConnection, index: int, change: Change, caller
                 caller.sync_groups.add(group)
         authorize(sync_groups, f"you are not a member of {', '.join(sync_groups)}.")
         check_references(db_connection, model, row, reject)
-        db_connection.execute(sql.insert, [row[column] for column in model.columns])
+        written = db_connection.execute(sql.insert, model.stored(row, dialect))
     else:
         if row is None:
             reject("does_not_exist", f"{model.name} {change.model_id!r} does not exist.")
@@ -685,14 +689,18 @@ def apply_change(db_connection: DbConnection, index: int, change: Change, caller
                     "groups for its whole life, or clients of the old groups would never see it leave: "
                     "delete it and create a new one instead.",
                 )
-            db_connection.execute(sql.update, [*(row[column] for column in model.columns[1:]), change.model_id])
+            written = db_connection.execute(sql.update, [*model.stored(row, dialect)[1:], change.model_id])
         else:
             # A deleted Group keeps its members, so that they receive this delete.
             check_not_referenced(db_connection, model, row, reject)
             db_connection.execute(sql.delete, (change.model_id,))
 
     caller.linked.update(sync_groups)
-    data = None if change.action == "delete" else json.dumps(model.schema.dump(row), separators=(",", ":"))
+    data = None
+    if change.action != "delete":
+        # The row as the database stored it (RETURNING): exactly what a bootstrap reads.
+        wire_row = model.reader(dialect, written.description).wire_row(written.fetchone())
+        data = json.dumps(wire_row, separators=(",", ":"))
     return PendingAction(SYNC_ACTIONS[change.action], model.name, change.model_id, data, sync_groups)
 
 
@@ -718,7 +726,8 @@ SYNC_ACTIONS = {"create": "insert", "update": "update", "delete": "delete"}  # a
 
 @dataclass(frozen=True)
 class RowSql:
-    """The statements that read and write one model's rows; columns in model.columns order, id first."""
+    """The statements that read and write one model's rows; columns in model.columns order, id first.
+    A write returns the row as stored."""
 
     select: str
     insert: str
@@ -729,10 +738,11 @@ class RowSql:
 @functools.cache
 def row_sql(model: SyncedModel) -> RowSql:
     table, columns = model.table.__tablename__, model.columns
+    listed = ", ".join(columns)
     return RowSql(
-        select=f"SELECT {', '.join(columns)} FROM {table} WHERE id = ?",
-        insert=f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
-        update=f"UPDATE {table} SET {', '.join(f'{column} = ?' for column in columns[1:])} WHERE id = ?",
+        select=f"SELECT {listed} FROM {table} WHERE id = ?",
+        insert=f"INSERT INTO {table} ({listed}) VALUES ({', '.join('?' * len(columns))}) RETURNING {listed}",
+        update=f"UPDATE {table} SET {', '.join(f'{column} = ?' for column in columns[1:])} WHERE id = ? RETURNING {listed}",
         delete=f"DELETE FROM {table} WHERE id = ?",
     )
 
@@ -811,18 +821,19 @@ def bootstrap():
     # The response is streamed a chunk of rows at a time, so a large bootstrap
     # never sits in memory whole. It reads everything on a connection of its
     # own, in one read transaction that lasts until the last chunk is sent:
-    # the rows and firstSyncId come from the same snapshot (see configure_database).
-    connection = db.engine.connect()
+    # the rows and firstSyncId come from the same snapshot.
+    chosen = flavour()
+    db_connection = speaking_sql(db.engine.raw_connection())
     try:
-        connection.begin()
-        allowed = caller_sync_groups(g.user_id, speaking_sql(connection.connection))
+        db_connection.execute(chosen.begin_read)
+        allowed = caller_sync_groups(g.user_id, db_connection)
         sync_groups = allowed if query["type"] == "eager" else query["sync_groups"]
         lacking = [group for group in sync_groups if group not in allowed]
         if lacking:
             raise ApiError(403, "forbidden", f"You are not a member of {', '.join(lacking)}.", type="auth")
-        first_sync_id = read_head(speaking_sql(connection.connection))
+        first_sync_id = read_head(db_connection)
     except BaseException:
-        connection.close()
+        db_connection.close()
         raise
 
     def body() -> Iterator[str]:
@@ -831,24 +842,28 @@ def bootstrap():
             for n, model in enumerate(query["models"]):
                 yield ("," if n else "") + json.dumps(model.name) + ":["
                 separator = ""
-                for rows in read_rows(connection, model, sync_groups):
+                for rows in read_rows(db_connection, chosen, model, sync_groups):
                     yield separator + json.dumps(rows, separators=(",", ":"))[1:-1]
                     separator = ","
                 yield "]"
             yield f'}},"firstSyncId":{first_sync_id},"syncGroups":{json.dumps(sync_groups, separators=(",", ":"))}}}'
         finally:
-            connection.close()
+            db_connection.close()  # back to the pool, which ends the read transaction
 
     return current_app.response_class(body(), mimetype="application/json")
 
 
-def read_rows(connection: Connection, model: SyncedModel, sync_groups: list[str]) -> Iterator[list[dict[str, Any]]]:
-    """The model's rows in those groups, as the wire shows them, in chunks."""
-    names, columns = zip(*model.wire_columns)
-    table = model.table
-    statement = select(*columns).where(model.sync_groups.rows_in(table, sync_groups)).order_by(table.id)
-    for rows in connection.execute(statement.execution_options(yield_per=BOOTSTRAP_CHUNK)).partitions():
-        yield [dict(zip(names, row)) for row in rows]
+def read_rows(db_connection: DbConnection, chosen: Flavour, model: SyncedModel, sync_groups: list[str]) -> Iterator[list[dict]]:
+    """The model's rows in those groups, in their wire form, a chunk at a time."""
+    condition, params = model.sync_groups.rows_in(sync_groups)
+    sql = f"SELECT {', '.join(model.columns)} FROM {model.table.__tablename__} WHERE {condition} ORDER BY id"
+    cursor = db_connection.stream(sql, params) if chosen.postgres else db_connection.execute(sql, params)
+    try:
+        reader = model.reader(chosen.dialect, cursor.description)
+        while rows := cursor.fetchmany(BOOTSTRAP_CHUNK):
+            yield [reader.wire_row(row) for row in rows]
+    finally:
+        cursor.close()
 
 
 # --- 6. GET /sync -----------------------------------------------------------

@@ -9,12 +9,15 @@ endpoints look models up in, so adding a model means adding one block here.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from flask_sqlalchemy import SQLAlchemy
 from marshmallow import Schema, fields, validate
-from sqlalchemy import BigInteger, ColumnElement, ForeignKey, Index, String, Text, false, true
+from marshmallow.fields import Field
+from sqlalchemy import BigInteger, Column, ForeignKey, Index, String, Text
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -31,7 +34,8 @@ INT64 = (-(2**63), 2**63 - 1)
 
 # --- Sync-group rules --------------------------------------------------------
 # A rule works both ways: which groups a row belongs to (to link each sync
-# action it causes) and which rows are in some groups (to serve a bootstrap).
+# action it causes) and which rows are in some groups (a WHERE condition with
+# its parameters, to serve a bootstrap).
 
 
 class Everyone:
@@ -40,8 +44,8 @@ class Everyone:
     def groups_of(self, row: dict[str, Any]) -> list[str]:
         return ["all"]
 
-    def rows_in(self, table: type[db.Model], sync_groups: list[str]) -> ColumnElement[bool]:
-        return true() if "all" in sync_groups else false()
+    def rows_in(self, sync_groups: list[str]) -> tuple[str, list[str]]:
+        return ("1 = 1" if "all" in sync_groups else "1 = 0"), []
 
 
 @dataclass(frozen=True)
@@ -53,9 +57,9 @@ class InGroup:
     def groups_of(self, row: dict[str, Any]) -> list[str]:
         return [f"group:{row[self.column]}"]
 
-    def rows_in(self, table: type[db.Model], sync_groups: list[str]) -> ColumnElement[bool]:
+    def rows_in(self, sync_groups: list[str]) -> tuple[str, list[str]]:
         ids = [g.removeprefix("group:") for g in sync_groups if g.startswith("group:")]
-        return getattr(table, self.column).in_(ids)
+        return (f"{self.column} IN ({', '.join('?' * len(ids))})" if ids else "1 = 0"), ids
 
 
 @dataclass(frozen=True)
@@ -77,11 +81,27 @@ class SyncedModel:
         names = [column.name for column in self.table.__table__.columns]
         return ["id", *(name for name in names if name != "id")]
 
+    def stored(self, row: dict[str, Any], dialect: Dialect) -> list[Any]:
+        """The row's values in `columns` order, as the engine's driver stores them."""
+        if dialect not in self.codecs:
+            self.codecs[dialect] = [column.type.dialect_impl(dialect).bind_processor(dialect) for column in self.table_columns]
+        return [store(row[name]) if store else row[name] for name, store in zip(self.columns, self.codecs[dialect])]
+
+    def reader(self, dialect: Dialect, description: Sequence[Sequence[Any]]) -> RowReader:
+        """Reads the rows of a cursor that selected `columns`, by the types its driver reports."""
+        key = (dialect, tuple(column[1] for column in description))
+        if key not in self.codecs:
+            self.codecs[key] = RowReader.of(self, dialect, key[1])
+        return self.codecs[key]
+
     @functools.cached_property
-    def wire_columns(self) -> list[tuple[str, Any]]:
-        """(wire name, column) for each field of the schema. A bootstrap reads
-        rows column by column, which is the schema's dump for plain fields."""
-        return [(field.data_key or name, getattr(self.table, name)) for name, field in self.schema.fields.items()]
+    def table_columns(self) -> list[Column]:
+        return [self.table.__table__.columns[name] for name in self.columns]
+
+    @functools.cached_property
+    def codecs(self) -> dict[Any, Any]:
+        """Per engine, the converters of `stored` and `reader`, built once."""
+        return {}
 
     @functools.cached_property
     def references(self) -> list[tuple[str, SyncedModel]]:
@@ -92,6 +112,41 @@ class SyncedModel:
             for column in self.table.__table__.columns
             for fk in column.foreign_keys
         ]
+
+
+@dataclass(frozen=True)
+class RowReader:
+    """Turns one model's stored rows into Python values and into their wire form.
+
+    A value has three forms. SQLite has no boolean or date type: its driver
+    returns True as 1 and a date as '2026-12-02'. Each column's SQLAlchemy
+    type gives the Python value back (True, date(2026, 12, 2)) on whichever
+    engine, as the ORM would, and the model's schema field gives the wire
+    form (true, "2026-12-02"). Bootstraps and sync actions both take their
+    rows through `wire_row`, so the wire shows a row the same way everywhere.
+    """
+
+    columns: tuple[tuple[str, Callable[[Any], Any] | None], ...]  # (attribute, driver value -> Python value)
+    fields: tuple[tuple[str, str, Field], ...]  # (wire name, attribute, field)
+
+    @classmethod
+    def of(cls, model: SyncedModel, dialect: Dialect, type_codes: tuple[Any, ...]) -> RowReader:
+        columns = tuple(
+            (name, column.type.dialect_impl(dialect).result_processor(dialect, type_code))
+            for name, column, type_code in zip(model.columns, model.table_columns, type_codes)
+        )
+        return cls(columns, tuple((field.data_key or name, name, field) for name, field in model.schema.fields.items()))
+
+    def values(self, stored: Sequence[Any]) -> dict[str, Any]:
+        """The row as Python values, keyed by attribute."""
+        return {name: load(value) if load else value for (name, load), value in zip(self.columns, stored)}
+
+    def wire_row(self, stored: Sequence[Any]) -> dict[str, Any]:
+        """The one place a stored row becomes its wire form: what the model's
+        schema dumps from the row's Python values, field by field (a schema's
+        dump hooks would not run; tests/test_wire.py holds every model to it)."""
+        values = self.values(stored)
+        return {wire_name: field._serialize(values[name], name, values) for wire_name, name, field in self.fields}
 
 
 SYNCED_MODELS: dict[str, SyncedModel] = {}
