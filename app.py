@@ -846,7 +846,7 @@ def bootstrap():
                     yield separator + json.dumps(rows, separators=(",", ":"))[1:-1]
                     separator = ","
                 yield "]"
-            yield f'}},"firstSyncId":{first_sync_id},"syncGroups":{json.dumps(sync_groups, separators=(",", ":"))}}}'
+            yield f'}},"firstSyncId":{first_sync_id},"syncGroups":{json.dumps(sync_groups, separators=(",", ":"))}}}\n'
         finally:
             db_connection.close()  # back to the pool, which ends the read transaction
 
@@ -1016,8 +1016,8 @@ FROM log, page
 
 
 def page_response(page: dict[str, Any]):
-    """`sync` and `syncGroups` arrive as JSON text already."""
-    body = '{"sync":[%s],"lastSyncId":%d,"syncGroups":%s,"hasMore":%s}' % (
+    """`sync` and `syncGroups` arrive as JSON text already. Ends with a newline, as jsonify's answers do."""
+    body = '{"sync":[%s],"lastSyncId":%d,"syncGroups":%s,"hasMore":%s}\n' % (
         page["sync"], page["lastSyncId"], page["syncGroups"], "true" if page["hasMore"] else "false"
     )
     return current_app.response_class(body, mimetype="application/json")
