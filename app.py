@@ -1124,44 +1124,55 @@ class LogWatcher:
 # GET /openapi.json is built by apispec from the marshmallow schemas that
 # validate requests, so it cannot drift from what the endpoints enforce.
 # tests/test_fuzz.py generates requests from it. It needs no token.
-# The endpoints build their answers as dicts; the response schemas below only
-# describe them (test_openapi.py checks real responses against them).
+# The endpoints build their answers as dicts or JSON text; the response
+# schemas below only describe them (the tests check every response they
+# receive against them: tests/contract.py).
 
 
 def sync_id_field(**kwargs) -> fields.Integer:
     return fields.Integer(strict=True, validate=validate.Range(0, INT64[1]), **kwargs)
 
 
-class SyncActionSchema(Schema):
-    sync_id = sync_id_field(data_key="syncId", required=True)
-    action = fields.String(required=True, validate=validate.OneOf(["insert", "update", "delete"]))
-    model_name = fields.String(data_key="modelName", required=True, validate=validate.OneOf(list(SYNCED_MODELS)))
-    model_id = model_id(data_key="modelId", required=True)
-    data = fields.Dict(
-        metadata={
-            "description": "The full row after the change; absent on delete.",
-            "anyOf": [{"$ref": f"#/components/schemas/{name}"} for name in SYNCED_MODELS],
-        }
+def sync_action_component(name: str) -> dict[str, Any]:
+    """A sync action of one model: insert and update carry the full row after the change, delete no data."""
+    common = {
+        "syncId": {"type": "integer", "format": "int64", "minimum": 0, "maximum": INT64[1]},
+        "modelName": {"type": "string", "enum": [name]},
+        "modelId": {"type": "string", "minLength": 1, "maxLength": MAX_ID_LENGTH},
+    }
+
+    def shape(actions: list[str], row: bool) -> dict[str, Any]:
+        properties = {"syncId": common["syncId"], "action": {"type": "string", "enum": actions}, **common}
+        if row:
+            properties["data"] = {"$ref": f"#/components/schemas/{name}"}
+        return {"type": "object", "properties": properties, "required": list(properties), "additionalProperties": False}
+
+    return {"oneOf": [shape(["insert", "update"], row=True), shape(["delete"], row=False)]}
+
+
+def response_schemas() -> dict[str, type[Schema]]:
+    """The answers of /sync and /bootstrap, which name every synced model."""
+    sync_action = {"anyOf": [{"$ref": f"#/components/schemas/{name}SyncAction"} for name in SYNCED_MODELS]}
+    sync = Schema.from_dict(
+        {
+            "sync": fields.List(fields.Raw(metadata=sync_action), required=True),
+            "last_sync_id": sync_id_field(data_key="lastSyncId", required=True),
+            "sync_groups": fields.List(fields.String(), data_key="syncGroups", required=True),
+            "has_more": fields.Boolean(data_key="hasMore", required=True),
+        },
+        name="SyncResponse",
     )
-
-
-class SyncResponseSchema(Schema):
-    sync = fields.List(fields.Nested(SyncActionSchema), required=True)
-    last_sync_id = sync_id_field(data_key="lastSyncId", required=True)
-    sync_groups = fields.List(fields.String(), data_key="syncGroups", required=True)
-    has_more = fields.Boolean(data_key="hasMore", required=True)
-
-
-# A key for each requested model, holding rows of that model's schema.
-BootstrapRowsSchema = Schema.from_dict(
-    {name: fields.List(fields.Nested(type(model.schema))) for name, model in SYNCED_MODELS.items()}, name="BootstrapRows"
-)
-
-
-class BootstrapResponseSchema(Schema):
-    bootstrap = fields.Nested(BootstrapRowsSchema, required=True)
-    first_sync_id = sync_id_field(data_key="firstSyncId", required=True)
-    sync_groups = fields.List(fields.String(), data_key="syncGroups", required=True)
+    # A key for each requested model, holding rows of that model's schema.
+    rows = Schema.from_dict({name: fields.List(fields.Nested(type(model.schema))) for name, model in SYNCED_MODELS.items()}, name="BootstrapRows")
+    bootstrap = Schema.from_dict(
+        {
+            "bootstrap": fields.Nested(rows, required=True),
+            "first_sync_id": sync_id_field(data_key="firstSyncId", required=True),
+            "sync_groups": fields.List(fields.String(), data_key="syncGroups", required=True),
+        },
+        name="BootstrapResponse",
+    )
+    return {"sync": sync, "bootstrap": bootstrap}
 
 
 class MutateResponseSchema(Schema):
@@ -1195,6 +1206,7 @@ def refusal(description: str, **headers: str) -> dict:
 
 def api_operations() -> dict[str, Any]:
     """Each path's operations, in apispec's input form (a new dict each time: apispec resolves it in place)."""
+    answers = response_schemas()
     unauthorized = refusal(
         "unauthorized (type auth): a missing, malformed or unknown token.", **{"WWW-Authenticate": "Bearer: send a token."}
     )
@@ -1227,7 +1239,7 @@ def api_operations() -> dict[str, Any]:
                 "summary": "Rows of some models, and the firstSyncId they reflect, from one snapshot.",
                 "parameters": [{"in": "query", "schema": BootstrapQuerySchema}],
                 "responses": {
-                    200: success(BootstrapResponseSchema, "A key per requested model; syncGroups are the groups served."),
+                    200: success(answers["bootstrap"], "A key per requested model; syncGroups are the groups served."),
                     400: refusal("invalid_request."),
                     401: unauthorized,
                     403: refusal("forbidden (type auth): a lazy bootstrap of a sync group the caller lacks."),
@@ -1240,7 +1252,7 @@ def api_operations() -> dict[str, Any]:
                 "summary": "The handshake (without since), or the caller's sync actions after since.",
                 "parameters": [{"in": "query", "schema": SyncQuerySchema}],
                 "responses": {
-                    200: success(SyncResponseSchema, "Pass lastSyncId as the next since; hasMore says a page follows."),
+                    200: success(answers["sync"], "Pass lastSyncId as the next since; hasMore says a page follows."),
                     400: refusal("invalid_request."),
                     401: unauthorized,
                     409: refusal("unknown_cursor: since is not a cursor of this database; bootstrap again."),
@@ -1261,23 +1273,26 @@ def api_operations() -> dict[str, Any]:
     }
 
 
-# SyncId, WaitSeconds and CommaList parse query strings; the document says what the strings may hold.
-COMMA_LIST_ITEMS = {known_model: "|".join(map(re.escape, SYNCED_MODELS)), well_formed_sync_group: SYNC_GROUP.pattern}
-
-
 def query_field_properties(converter, field: fields.Field, ret: dict, **_) -> dict:
+    """SyncId, WaitSeconds and CommaList parse query strings; the document says what the strings may hold."""
     if isinstance(field, SyncId):
         return {"minimum": ret.get("minimum", 0), "maximum": ret.get("maximum", INT64[1])}
     if isinstance(field, WaitSeconds):
         return {"pattern": r"^(?:[12]?[0-9](?:\.[0-9]{1,3})?|30(?:\.0{1,3})?)$"}
     if isinstance(field, CommaList):
-        items = "(?:{0})(?:,(?:{0}))*".format(COMMA_LIST_ITEMS[field.item])
+        item = "|".join(map(re.escape, SYNCED_MODELS)) if field.item is known_model else SYNC_GROUP.pattern
+        items = "(?:{0})(?:,(?:{0}))*".format(item)
         return {"pattern": f"^(?:{items})?$" if field.allow_empty else f"^{items}$"}
     return {}
 
 
-@functools.cache
 def openapi_document() -> dict[str, Any]:
+    return describe_api(tuple(SYNCED_MODELS))
+
+
+@functools.cache
+def describe_api(models: tuple[str, ...]) -> dict[str, Any]:
+    """The OpenAPI document of the API serving these synced models (built once: apispec takes a while)."""
     plugin = MarshmallowPlugin()
     spec = APISpec(
         title="Loco Sync backend",
@@ -1292,8 +1307,9 @@ def openapi_document() -> dict[str, Any]:
     plugin.map_to_openapi_type(WaitSeconds, "string", None)
     plugin.converter.add_attribute_function(query_field_properties)
     spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer", "description": "<userId>.<secret>"})
-    for name, model in SYNCED_MODELS.items():  # rows are named as the client names their models
-        spec.components.schema(name, schema=type(model.schema))
+    for name in models:  # rows are named as the client names their models
+        spec.components.schema(name, schema=type(SYNCED_MODELS[name].schema))
+        spec.components.schema(f"{name}SyncAction", component=sync_action_component(name))
     # Given for the paths and methods that are not listed.
     spec.components.response("NotFound", refusal("not_found: no such endpoint."))
     spec.components.response("MethodNotAllowed", refusal("method_not_allowed.", Allow="The methods the path takes."))
