@@ -3,12 +3,47 @@ import threading
 import pytest
 from werkzeug.serving import make_server
 
+import contract
 from app import create_app
 from helpers import ENGINES, create, fresh_database, group, mutate, shut_down, sign_in, todo
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "sqlite_only(reason): the test is about SQLite itself; skipped on other engines")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checked_against_the_contract(tmp_path_factory):
+    """Every Flask app of this process checks its responses against the
+    contract (tests/contract.py), and so do the servers the tests start in
+    processes of their own, which report to a file named in the environment."""
+    report = tmp_path_factory.mktemp("contract") / "responses.jsonl"
+    report.touch()
+    with pytest.MonkeyPatch.context() as environment:
+        environment.setenv(contract.REPORT, str(report))
+        contract.install(reports_from=str(report))
+        yield
+        contract.uninstall()
+
+
+@pytest.fixture(autouse=True)
+def responses_keep_the_contract(checked_against_the_contract):
+    """Fails the test if a response it received, from any server, broke the contract."""
+    late = contract.TALLY.claim()
+    if late:
+        pytest.fail("responses received after an earlier test ended broke the contract:\n" + "\n".join(late), pytrace=False)
+    yield
+    violations = contract.TALLY.claim()
+    if violations:
+        pytest.fail("responses that break the contract of /openapi.json:\n" + "\n".join(violations), pytrace=False)
+
+
+def pytest_terminal_summary(terminalreporter):
+    tally = contract.TALLY
+    terminalreporter.write_line(
+        f"{tally.validated + tally.servers_validated} responses validated against /openapi.json "
+        f"({tally.validated} in this process, {tally.servers_validated} by servers in processes of their own)"
+    )
 
 
 @pytest.fixture(params=ENGINES)

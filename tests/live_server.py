@@ -20,6 +20,7 @@ from werkzeug.serving import make_server
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import contract  # noqa: E402
 from app import create_app, seed_demo  # noqa: E402
 from helpers import fresh_database  # noqa: E402
 from models import db  # noqa: E402
@@ -28,6 +29,7 @@ from models import db  # noqa: E402
 def main() -> None:
     directory = sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="loco-live-")
     os.makedirs(directory, exist_ok=True)
+    contract.install(report=os.environ.get(contract.REPORT))  # every response checked, as in the tests' own process
     with fresh_database(os.environ.get("LOCO_TEST_ENGINE", "sqlite"), directory) as url:
         app = create_app({"SQLALCHEMY_DATABASE_URI": url})
         with app.app_context():

@@ -25,9 +25,10 @@ SERVERS = {"sqlite": 1, "postgresql": 2}
 
 
 class Gunicorn:
-    """`gunicorn --workers 4 --threads 4 'app:create_app()'` on a free port, on one database."""
+    """`gunicorn --workers 4 --threads 4 'app:create_app()'` on a free port, on one database.
+    The tests' servers check each response against the contract (tests/contract.py)."""
 
-    def __init__(self, database_url: str, log_path: Path, workers: int = WORKERS, app: str = "app:create_app()"):
+    def __init__(self, database_url: str, log_path: Path, workers: int = WORKERS, app: str = "contract:checked_app()"):
         self.database_url, self.log_path, self.workers, self.app = database_url, log_path, workers, app
         self.process: subprocess.Popen | None = None
         self.url = ""
@@ -37,7 +38,7 @@ class Gunicorn:
         start = self.log_path.stat().st_size
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "--workers", str(self.workers), "--threads", str(THREADS),
-             "--bind", "127.0.0.1:0", "--graceful-timeout", "5", self.app],
+             "--bind", "127.0.0.1:0", "--graceful-timeout", "5", "--pythonpath", "tests", self.app],
             cwd=ROOT,
             env={**os.environ, "DATABASE_URL": self.database_url},
             stdout=log,
