@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import threading
@@ -216,6 +217,11 @@ def replay(actions: list[dict], rows: dict[str, dict[str, dict]] | None = None) 
             assert action["modelId"] in table, f"delete of a row the client lacks: {action}"
             del table[action["modelId"]]
     return {name: found for name, found in rows.items() if found}
+
+
+def wire(value: Any) -> str:
+    """Wire data as canonical JSON text, to compare with its types: in Python 0 == False and 1 == 1.0, in JSON text they differ."""
+    return json.dumps(value, sort_keys=True, ensure_ascii=False)
 
 
 def as_store(bootstrap: dict[str, list[dict]]) -> dict[str, dict[str, dict]]:
