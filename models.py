@@ -127,7 +127,7 @@ class RowReader:
     """
 
     columns: tuple[tuple[str, Callable[[Any], Any] | None], ...]  # (attribute, driver value -> Python value)
-    fields: tuple[tuple[str, str, Field], ...]  # (wire name, attribute, field)
+    fields: tuple[tuple[str, int, Callable[[Any], Any] | None, Callable[..., Any], str], ...]  # per schema field
 
     @classmethod
     def of(cls, model: SyncedModel, dialect: Dialect, type_codes: tuple[Any, ...]) -> RowReader:
@@ -135,18 +135,28 @@ class RowReader:
             (name, column.type.dialect_impl(dialect).result_processor(dialect, type_code))
             for name, column, type_code in zip(model.columns, model.table_columns, type_codes)
         )
-        return cls(columns, tuple((field.data_key or name, name, field) for name, field in model.schema.fields.items()))
+        index = {name: n for n, name in enumerate(model.columns)}
+        fields = tuple(
+            (field.data_key or name, index[name], columns[index[name]][1], field._serialize, name)
+            for name, field in model.schema.fields.items()
+        )
+        return cls(columns, fields)
 
     def values(self, stored: Sequence[Any]) -> dict[str, Any]:
         """The row as Python values, keyed by attribute."""
-        return {name: load(value) if load else value for (name, load), value in zip(self.columns, stored)}
+        return {name: value if load is None else load(value) for (name, load), value in zip(self.columns, stored)}
 
     def wire_row(self, stored: Sequence[Any]) -> dict[str, Any]:
         """The one place a stored row becomes its wire form: what the model's
-        schema dumps from the row's Python values, field by field (a schema's
-        dump hooks would not run; tests/test_wire.py holds every model to it)."""
-        values = self.values(stored)
-        return {wire_name: field._serialize(values[name], name, values) for wire_name, name, field in self.fields}
+        schema dumps from the row's Python values, field by field, each field
+        seeing its own value only (a schema's dump hooks, or a field that
+        reads others, would not work; tests/test_wire.py holds every model to
+        its schema's dump). Bootstraps run every row through here: it is kept
+        to one pass."""
+        return {
+            wire_name: serialize(stored[n] if load is None else load(stored[n]), name, None)
+            for wire_name, n, load, serialize, name in self.fields
+        }
 
 
 SYNCED_MODELS: dict[str, SyncedModel] = {}
