@@ -5,7 +5,7 @@ import threading
 import pytest
 
 import app as app_module
-from helpers import same_user, as_store, assert_error, mutate, read_log, replay, todo
+from helpers import same_user, as_store, assert_error, mutate, read_log, replay, todo, wire
 
 
 def test_eager_bootstrap_returns_every_row_of_the_requested_models(seeded):
@@ -16,19 +16,19 @@ def test_eager_bootstrap_returns_every_row_of_the_requested_models(seeded):
     assert list(body) == ["bootstrap", "firstSyncId", "syncGroups"]
     assert list(body["bootstrap"]) == ["Todo", "Author"]
     assert [t["id"] for t in body["bootstrap"]["Todo"]] == ["t1", "t2"]
-    assert body["bootstrap"]["Author"] == [{"id": "a1", "name": "Ada"}, {"id": "a2", "name": "Grace"}]
-    assert body["firstSyncId"] == 6
+    assert wire(body["bootstrap"]["Author"]) == wire([{"id": "a1", "name": "Ada"}, {"id": "a2", "name": "Grace"}])
+    assert wire(body["firstSyncId"]) == wire(6)
     assert body["syncGroups"] == ["all", "group:g1", "group:g2"]
 
 
 def test_every_requested_model_has_a_key_even_when_empty(client):
     body = client.get("/bootstrap?type=eager&models=Group,Author,Todo").get_json()
-    assert body == {"bootstrap": {"Group": [], "Author": [], "Todo": []}, "firstSyncId": 0, "syncGroups": ["all"]}
+    assert wire(body) == wire({"bootstrap": {"Group": [], "Author": [], "Todo": []}, "firstSyncId": 0, "syncGroups": ["all"]})
 
 
 def test_an_empty_model_list_is_allowed(seeded):
     body = seeded.get("/bootstrap?type=eager&models=").get_json()
-    assert body == {"bootstrap": {}, "firstSyncId": 5, "syncGroups": ["all", "group:g1", "group:g2"]}
+    assert wire(body) == wire({"bootstrap": {}, "firstSyncId": 5, "syncGroups": ["all", "group:g1", "group:g2"]})
 
 
 def test_lazy_bootstrap_returns_only_rows_in_the_requested_groups(seeded):
@@ -37,10 +37,10 @@ def test_lazy_bootstrap_returns_only_rows_in_the_requested_groups(seeded):
     body = seeded.get("/bootstrap?type=lazy&models=Todo,Group,Author&syncGroups=group:g1").get_json()
 
     assert [t["id"] for t in body["bootstrap"]["Todo"]] == ["t1", "t3"]
-    assert body["bootstrap"]["Group"] == [{"id": "g1", "name": "Group g1"}]
+    assert wire(body["bootstrap"]["Group"]) == wire([{"id": "g1", "name": "Group g1"}])
     assert body["bootstrap"]["Author"] == []  # Authors are in "all", which was not asked for
     assert body["syncGroups"] == ["group:g1"]
-    assert body["firstSyncId"] == 7
+    assert wire(body["firstSyncId"]) == wire(7)
 
 
 def test_lazy_bootstrap_of_several_groups_serves_each_of_them(seeded):
@@ -70,12 +70,12 @@ def test_rows_and_first_sync_id_come_from_one_snapshot(app, seeded, monkeypatch)
     body = seeded.get("/bootstrap?type=eager&models=Todo").get_json()
     monkeypatch.undo()
 
-    assert committed == [{"lastSyncId": 6}]  # the writer did commit in between
+    assert wire(committed) == wire([{"lastSyncId": 6}])  # the writer did commit in between
     assert [t["id"] for t in body["bootstrap"]["Todo"]] == ["t1"]
-    assert body["firstSyncId"] == 5
+    assert wire(body["firstSyncId"]) == wire(5)
     # So a client that bootstraps, then replays from firstSyncId, lands on the server's rows.
     store = replay(read_log(seeded, since=body["firstSyncId"]), as_store(body["bootstrap"]))
-    assert store == as_store(seeded.get("/bootstrap?type=eager&models=Todo").get_json()["bootstrap"])
+    assert wire(store) == wire(as_store(seeded.get("/bootstrap?type=eager&models=Todo").get_json()["bootstrap"]))
 
 
 INVALID = {

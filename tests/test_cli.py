@@ -1,7 +1,7 @@
 """The flask commands: seed and create-user hand out tokens, add-member and
 remove-member change sync groups, init-db resets the database."""
 
-from helpers import as_store, assert_error, group, mutate, read_log, replay, sign_in, snapshot
+from helpers import as_store, assert_error, group, mutate, read_log, replay, sign_in, snapshot, wire
 
 
 def seed(runner) -> dict[str, str]:
@@ -38,9 +38,9 @@ def test_seed_loads_rows_with_their_sync_actions(app, runner):
 
     rows = ada.get("/bootstrap?type=eager&models=Group,Author,Todo").get_json()
     assert [len(rows["bootstrap"][m]) for m in ("Group", "Author", "Todo")] == [2, 2, 3]
-    assert rows["firstSyncId"] == 7
+    assert wire(rows["firstSyncId"]) == wire(7)
     # Seeded rows are in the log too, so a client syncing from 0 gets them.
-    assert replay(read_log(ada)) == as_store(rows["bootstrap"])
+    assert wire(replay(read_log(ada))) == wire(as_store(rows["bootstrap"]))
 
 
 def test_seeding_twice_fails_with_a_hint_and_writes_nothing(app, runner):
@@ -101,8 +101,8 @@ def test_init_db_on_a_new_database_starts_the_log_at_zero(app, runner):
 
     assert result.exit_code == 0 and "Initialized an empty database" in result.output
     client = sign_in(app)
-    assert client.get("/sync").get_json()["lastSyncId"] == 0
-    assert mutate(client, group("g1")) == {"lastSyncId": 1}
+    assert wire(client.get("/sync").get_json()["lastSyncId"]) == wire(0)
+    assert wire(mutate(client, group("g1"))) == wire({"lastSyncId": 1})
 
 
 def test_init_db_empties_a_used_database_and_starts_its_log_above_the_old_one(app, runner):
@@ -114,13 +114,13 @@ def test_init_db_empties_a_used_database_and_starts_its_log_above_the_old_one(ap
     assert result.exit_code == 0 and "Initialized an empty database" in result.output
     assert_error(ada.get("/sync"), 401, "unauthorized", type="auth")  # users are gone too
     client = sign_in(app)
-    assert client.get("/bootstrap?type=eager&models=Group,Todo").get_json() == {
+    assert wire(client.get("/bootstrap?type=eager&models=Group,Todo").get_json()) == wire({
         "bootstrap": {"Group": [], "Todo": []},
         "firstSyncId": 9,
         "syncGroups": ["all"],
-    }
+    })
     assert client.get("/sync?since=9").get_json()["sync"] == []
-    assert mutate(client, group("g1")) == {"lastSyncId": 10}
+    assert wire(mutate(client, group("g1"))) == wire({"lastSyncId": 10})
     assert [a["modelId"] for a in read_log(client, since=9)] == ["g1"]
 
 

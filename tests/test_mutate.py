@@ -19,6 +19,7 @@ from helpers import (
     snapshot,
     todo,
     update,
+    wire,
 )
 from models import db
 
@@ -26,31 +27,31 @@ from models import db
 def test_create_writes_the_row_and_an_insert_action_with_the_full_row(seeded):
     result = mutate(seeded, todo("t2", "g2", text="Buy milk", likeCount=3))
 
-    assert result == {"lastSyncId": 6}
+    assert wire(result) == wire({"lastSyncId": 6})
     [action] = read_log(seeded, since=5)
-    assert action == {
+    assert wire(action) == wire({
         "syncId": 6,
         "action": "insert",
         "modelName": "Todo",
         "modelId": "t2",
         "data": {"id": "t2", "text": "Buy milk", "authorId": "a1", "groupId": "g2", "isDone": False, "likeCount": 3},
-    }
+    })
     rows = seeded.get("/bootstrap?type=eager&models=Todo").get_json()["bootstrap"]["Todo"]
-    assert action["data"] in rows
+    assert wire(action["data"]) in [wire(row) for row in rows]
 
 
 def test_last_sync_id_is_the_greatest_sync_id_the_transaction_created(seeded):
     result = mutate(seeded, todo("t2", "g1"), todo("t3", "g1"), update("Todo", "t1", isDone=True))
 
-    assert result == {"lastSyncId": 8}
-    assert [a["syncId"] for a in read_log(seeded, since=5)] == [6, 7, 8]
+    assert wire(result) == wire({"lastSyncId": 8})
+    assert wire([a["syncId"] for a in read_log(seeded, since=5)]) == wire([6, 7, 8])
 
 
 def test_a_sync_id_is_never_handed_out_twice(app, seeded):
     with reader(app).begin() as connection:  # the newest action is gone, but a client may hold its syncId
         connection.execute(text("DELETE FROM sync_action_group WHERE sync_action_id = 5"))
         connection.execute(text("DELETE FROM sync_action WHERE id = 5"))
-    assert mutate(seeded, todo("t2", "g1")) == {"lastSyncId": 6}
+    assert wire(mutate(seeded, todo("t2", "g1"))) == wire({"lastSyncId": 6})
 
 
 def test_update_action_carries_the_full_row_after_the_change(seeded):
@@ -58,21 +59,21 @@ def test_update_action_carries_the_full_row_after_the_change(seeded):
 
     [action] = read_log(seeded, since=5)
     assert action["action"] == "update"
-    assert action["data"] == {
+    assert wire(action["data"]) == wire({
         "id": "t1",
         "text": "Todo t1",
         "authorId": "a1",
         "groupId": "g1",
         "isDone": True,
         "likeCount": 2,
-    }
+    })
 
 
 def test_delete_action_carries_no_data(seeded):
     mutate(seeded, delete("Todo", "t1"))
 
     [action] = read_log(seeded, since=5)
-    assert action == {"syncId": 6, "action": "delete", "modelName": "Todo", "modelId": "t1"}
+    assert wire(action) == wire({"syncId": 6, "action": "delete", "modelName": "Todo", "modelId": "t1"})
     assert seeded.get("/bootstrap?type=eager&models=Todo").get_json()["bootstrap"]["Todo"] == []
 
 
@@ -132,7 +133,7 @@ def test_a_conflicting_change_is_409_and_rejects_the_whole_transaction(app, seed
     error = assert_error(response, 409, code)
     assert says in error["message"]
     assert f"changes[{len(good)}]" in error["message"]
-    assert error["details"] == {"change": len(good)}
+    assert wire(error["details"]) == wire({"change": len(good)})
     assert snapshot(app) == before
 
 
@@ -143,7 +144,7 @@ def test_moving_a_todo_says_why_it_is_refused(seeded):
 
 
 def test_an_update_that_keeps_the_group_is_allowed(seeded):
-    assert mutate(seeded, update("Todo", "t1", groupId="g1", text="same group")) == {"lastSyncId": 6}
+    assert wire(mutate(seeded, update("Todo", "t1", groupId="g1", text="same group"))) == wire({"lastSyncId": 6})
 
 
 # --- Idempotent retries -----------------------------------------------------
@@ -156,14 +157,14 @@ def test_a_retried_transaction_id_returns_the_original_last_sync_id_and_writes_n
 
     retry = mutate(seeded, *changes, transaction_id="tx-42")
 
-    assert retry == first == {"lastSyncId": 7}
+    assert wire(retry) == wire(first) == wire({"lastSyncId": 7})
     assert snapshot(app) == after_first
 
 
 def test_a_retry_is_answered_even_after_other_transactions(seeded):
     first = mutate(seeded, todo("t2", "g1"), transaction_id="tx-1")
     mutate(seeded, todo("t3", "g1"))
-    assert mutate(seeded, todo("t2", "g1"), transaction_id="tx-1") == first
+    assert wire(mutate(seeded, todo("t2", "g1"), transaction_id="tx-1")) == wire(first)
 
 
 def test_a_reused_transaction_id_with_other_changes_is_409(app, seeded):
@@ -179,7 +180,7 @@ def test_a_reused_transaction_id_with_other_changes_is_409(app, seeded):
 def test_a_rejected_transaction_id_is_not_spent(seeded):
     rejected = {"changes": [todo("t2", "g1", author_id="a9")], "transactionId": "tx-1"}
     assert_error(seeded.post("/mutate", json=rejected), 409, "unknown_reference")
-    assert mutate(seeded, todo("t2", "g1"), transaction_id="tx-1") == {"lastSyncId": 6}
+    assert wire(mutate(seeded, todo("t2", "g1"), transaction_id="tx-1")) == wire({"lastSyncId": 6})
 
 
 # --- Validation: 400, with a message that names the problem -----------------
@@ -294,8 +295,8 @@ def test_writes_that_wait_together_share_one_commit_and_a_refused_one_is_rolled_
     assert answers["t2"][0] == answers["t3 and t4"][0] == 200
     # The two accepted writes got syncIds 6 to 8 in some order, each one's own contiguous.
     last = sorted(answer[1]["lastSyncId"] for name, answer in answers.items() if name != "t1 again")
-    assert last in ([6, 8], [7, 8])
+    assert wire(last) in (wire([6, 8]), wire([7, 8]))
     log = read_log(seeded, since=5)
-    assert [a["syncId"] for a in log] == [6, 7, 8]
+    assert wire([a["syncId"] for a in log]) == wire([6, 7, 8])
     assert sorted(a["modelId"] for a in log) == ["t2", "t3", "t4"]
     assert [a["modelId"] for a in log if a["modelId"] != "t2"] == ["t3", "t4"]

@@ -5,7 +5,7 @@ import sqlite3
 import pytest
 from sqlalchemy import event, text
 
-from helpers import database_path, mutate, todo
+from helpers import database_path, mutate, todo, wire
 from models import db
 
 pytestmark = pytest.mark.sqlite_only("SQLite's own settings: pragmas, BEGIN modes, sqlite3's statement trace, its query plans")
@@ -54,7 +54,7 @@ def test_a_mutation_takes_the_write_lock_at_begin(app, seeded):
 def test_reads_run_in_one_explicit_transaction(app, seeded):
     by_connection: dict = {}
     record_statements(app, by_connection)
-    assert seeded.get("/bootstrap?type=eager&models=Todo,Group").get_json()["firstSyncId"] == 5  # read to its end
+    assert wire(seeded.get("/bootstrap?type=eager&models=Todo,Group").get_json()["firstSyncId"]) == wire(5)  # read to its end
     # One connection checks the token; the bootstrap reads on its own, in one transaction.
     reads = max(by_connection.values(), key=len)
     assert reads[0] == "BEGIN DEFERRED" and reads.count("BEGIN DEFERRED") == 1

@@ -5,16 +5,16 @@ import threading
 import pytest
 
 import app as app_module
-from helpers import same_user, as_store, assert_error, delete, mutate, read_log, replay, todo, update
+from helpers import same_user, as_store, assert_error, delete, mutate, read_log, replay, todo, update, wire
 
 
 def test_the_handshake_gives_the_head_and_the_callers_sync_groups(seeded):
     body = seeded.get("/sync").get_json()
-    assert body == {"sync": [], "lastSyncId": 5, "syncGroups": ["all", "group:g1", "group:g2"], "hasMore": False}
+    assert wire(body) == wire({"sync": [], "lastSyncId": 5, "syncGroups": ["all", "group:g1", "group:g2"], "hasMore": False})
 
 
 def test_the_handshake_of_an_empty_database_is_zero(client):
-    assert client.get("/sync").get_json()["lastSyncId"] == 0
+    assert wire(client.get("/sync").get_json()["lastSyncId"]) == wire(0)
 
 
 def test_since_returns_the_actions_after_it_in_order(seeded):
@@ -23,36 +23,36 @@ def test_since_returns_the_actions_after_it_in_order(seeded):
 
     body = seeded.get("/sync?since=5").get_json()
 
-    assert [(a["syncId"], a["action"], a["modelId"]) for a in body["sync"]] == [
+    assert wire([(a["syncId"], a["action"], a["modelId"]) for a in body["sync"]]) == wire([
         (6, "insert", "t2"),
         (7, "update", "t1"),
         (8, "delete", "t2"),
-    ]
-    assert body["lastSyncId"] == 8
+    ])
+    assert wire(body["lastSyncId"]) == wire(8)
     assert body["hasMore"] is False
     assert body["syncGroups"] == ["all", "group:g1", "group:g2"]
 
 
 def test_a_poll_at_the_head_is_empty_and_keeps_the_cursor(seeded):
-    assert seeded.get("/sync?since=5").get_json() == {
+    assert wire(seeded.get("/sync?since=5").get_json()) == wire({
         "sync": [],
         "lastSyncId": 5,
         "syncGroups": ["all", "group:g1", "group:g2"],
         "hasMore": False,
-    }
+    })
 
 
 def test_until_bounds_the_range_inclusively(seeded):
     body = seeded.get("/sync?since=1&until=3").get_json()
-    assert [a["syncId"] for a in body["sync"]] == [2, 3]
-    assert body["lastSyncId"] == 3
+    assert wire([a["syncId"] for a in body["sync"]]) == wire([2, 3])
+    assert wire(body["lastSyncId"]) == wire(3)
     assert body["hasMore"] is False
 
 
 def test_until_past_the_head_stops_the_cursor_at_the_head(seeded):
     body = seeded.get("/sync?since=3&until=99").get_json()
-    assert [a["syncId"] for a in body["sync"]] == [4, 5]
-    assert body["lastSyncId"] == 5  # not 99: actions 6..99 may still be written
+    assert wire([a["syncId"] for a in body["sync"]]) == wire([4, 5])
+    assert wire(body["lastSyncId"]) == wire(5)  # not 99: actions 6..99 may still be written
 
 
 def test_limit_pages_the_log_and_has_more_says_another_page_follows(seeded):
@@ -63,26 +63,26 @@ def test_limit_pages_the_log_and_has_more_says_another_page_follows(seeded):
         since = body["lastSyncId"]
         if not body["hasMore"]:
             break
-    assert pages == [([1, 2], 2, True), ([3, 4], 4, True), ([5], 5, False)]
+    assert wire(pages) == wire([([1, 2], 2, True), ([3, 4], 4, True), ([5], 5, False)])
 
 
 def test_a_page_that_ends_exactly_at_the_head_has_no_more(seeded):
     body = seeded.get("/sync?since=3&limit=2").get_json()
-    assert ([a["syncId"] for a in body["sync"]], body["lastSyncId"], body["hasMore"]) == ([4, 5], 5, False)
+    assert wire(([a["syncId"] for a in body["sync"]], body["lastSyncId"], body["hasMore"])) == wire(([4, 5], 5, False))
 
 
 def test_paging_within_until_stops_at_until(seeded):
     first = seeded.get("/sync?since=0&until=3&limit=2").get_json()
     second = seeded.get(f"/sync?since={first['lastSyncId']}&until=3&limit=2").get_json()
-    assert ([a["syncId"] for a in first["sync"]], first["hasMore"]) == ([1, 2], True)
-    assert ([a["syncId"] for a in second["sync"]], second["lastSyncId"], second["hasMore"]) == ([3], 3, False)
+    assert wire(([a["syncId"] for a in first["sync"]], first["hasMore"])) == wire(([1, 2], True))
+    assert wire(([a["syncId"] for a in second["sync"]], second["lastSyncId"], second["hasMore"])) == wire(([3], 3, False))
 
 
 def test_the_default_limit_is_1000(seeded):
     mutate(seeded, *(update("Todo", "t1", likeCount=n) for n in range(1000)))
     body = seeded.get("/sync?since=0").get_json()
-    assert (len(body["sync"]), body["lastSyncId"], body["hasMore"]) == (1000, 1000, True)
-    assert seeded.get("/sync?since=1000").get_json()["sync"][-1]["syncId"] == 1005
+    assert wire((len(body["sync"]), body["lastSyncId"], body["hasMore"])) == wire((1000, 1000, True))
+    assert wire(seeded.get("/sync?since=1000").get_json()["sync"][-1]["syncId"]) == wire(1005)
 
 
 def test_a_cursor_past_the_head_is_refused_because_the_database_was_reset(seeded):
@@ -104,7 +104,7 @@ def test_replaying_the_log_from_zero_reproduces_the_rows(seeded):
     store = replay(read_log(seeded))
 
     everything = seeded.get("/bootstrap?type=eager&models=Group,Author,Todo").get_json()["bootstrap"]
-    assert store == as_store(everything)
+    assert wire(store) == wire(as_store(everything))
 
 
 @pytest.mark.sqlite_only("pauses the poll's statement half-way with sqlite3's progress handler")
@@ -142,9 +142,9 @@ def test_the_cursor_never_passes_an_action_the_response_did_not_carry(app, seede
     body = seeded.get("/sync?since=4").get_json()
     monkeypatch.undo()
 
-    assert committed == [{"lastSyncId": 6}]  # the writer did commit while the poll read
-    assert ([a["syncId"] for a in body["sync"]], body["lastSyncId"]) == ([5], 5)
-    assert [a["syncId"] for a in seeded.get("/sync?since=5").get_json()["sync"]] == [6]
+    assert wire(committed) == wire([{"lastSyncId": 6}])  # the writer did commit while the poll read
+    assert wire(([a["syncId"] for a in body["sync"]], body["lastSyncId"])) == wire(([5], 5))
+    assert wire([a["syncId"] for a in seeded.get("/sync?since=5").get_json()["sync"]]) == wire([6])
 
 
 INVALID = {
