@@ -116,22 +116,29 @@ def test_sigkill_under_load_loses_nothing_and_applies_retries_once(world, engine
         thread.start()
     rng = random.Random(7)
     acknowledged_before_each_crash = []
-    for _ in range(CRASHES):
-        time.sleep(rng.uniform(0.3, 1.5))  # a random moment under load
-        kills[0] += 1
+    try:
+        for _ in range(CRASHES):
+            time.sleep(rng.uniform(0.3, 1.5))  # a random moment under load
+            kills[0] += 1
+            for server in servers:
+                server.kill()
+            acknowledged_before_each_crash.append(len(acknowledged))
+            heads_after_kill.append(check_database(database_url, engine)[-1]["syncId"])  # the database as the crash left it
+            for server in servers:
+                server.start()
+        time.sleep(0.5)
+    finally:
+        # A check that fails between a kill and its restart must not leave the
+        # clients retrying a dead server forever, and the session never ending.
         for server in servers:
-            server.kill()
-        acknowledged_before_each_crash.append(len(acknowledged))
-        heads_after_kill.append(check_database(database_url, engine)[-1]["syncId"])  # the database as the crash left it
-        for server in servers:
-            server.start()
-    time.sleep(0.5)
-    stop.set()
-    for thread in writers:
-        thread.join()
-    writers_done.set()
-    for thread in pollers:
-        thread.join()
+            if server.process.poll() is not None:
+                server.start()
+        stop.set()
+        for thread in writers:
+            thread.join()
+        writers_done.set()
+        for thread in pollers:
+            thread.join()
     assert not errors, errors
     assert all(later > earlier for earlier, later in zip([0, *acknowledged_before_each_crash], acknowledged_before_each_crash))
 
