@@ -94,7 +94,10 @@ def test_seed_prints_what_the_quick_start_shows(readers_server):
 
 def test_the_curl_walkthrough_answers_exactly_as_shown(readers_server):
     if shutil.which("curl") is None:
-        pytest.skip("curl is not installed")
+        reason = "curl is not installed: the README's walkthrough is curl commands"
+        if os.environ.get("LOCO_REQUIRE_TOOLS") == "1":
+            pytest.fail(f"{reason} (LOCO_REQUIRE_TOOLS=1)")
+        pytest.skip(reason)
     printed, address, directory = readers_server
     walkthrough = section("A walk through the protocol with curl")
     # The reader keeps the tokens seed printed, as the README's first block does with its own.
