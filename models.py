@@ -9,13 +9,13 @@ endpoints look models up in, so adding a model means adding one block here.
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from flask_sqlalchemy import SQLAlchemy
 from marshmallow import Schema, fields, validate
-from marshmallow.fields import Field
 from sqlalchemy import BigInteger, Column, ForeignKey, Index, String, Text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -83,25 +83,30 @@ class SyncedModel:
 
     def stored(self, row: dict[str, Any], dialect: Dialect) -> list[Any]:
         """The row's values in `columns` order, as the engine's driver stores them."""
-        if dialect not in self.codecs:
-            self.codecs[dialect] = [column.type.dialect_impl(dialect).bind_processor(dialect) for column in self.table_columns]
-        return [store(row[name]) if store else row[name] for name, store in zip(self.columns, self.codecs[dialect])]
+        if dialect not in self.binders:
+            self.binders[dialect] = [column.type.dialect_impl(dialect).bind_processor(dialect) for column in self.table_columns]
+        return [row[name] if store is None else store(row[name]) for name, store in zip(self.columns, self.binders[dialect])]
 
     def reader(self, dialect: Dialect, description: Sequence[Sequence[Any]]) -> RowReader:
         """Reads the rows of a cursor that selected `columns`, by the types its driver reports."""
-        key = (dialect, tuple(column[1] for column in description))
-        if key not in self.codecs:
-            self.codecs[key] = RowReader.of(self, dialect, key[1])
-        return self.codecs[key]
+        type_codes = tuple(column[1] for column in description)
+        readers = self.readers.setdefault(dialect, {})
+        if type_codes not in readers:
+            readers[type_codes] = RowReader.of(self, dialect, type_codes)
+        return readers[type_codes]
 
     @functools.cached_property
     def table_columns(self) -> list[Column]:
         return [self.table.__table__.columns[name] for name in self.columns]
 
+    # Built once per engine (its dialect) and dropped with it.
     @functools.cached_property
-    def codecs(self) -> dict[Any, Any]:
-        """Per engine, the converters of `stored` and `reader`, built once."""
-        return {}
+    def binders(self) -> weakref.WeakKeyDictionary[Dialect, list[Callable[[Any], Any] | None]]:
+        return weakref.WeakKeyDictionary()
+
+    @functools.cached_property
+    def readers(self) -> weakref.WeakKeyDictionary[Dialect, dict[tuple[Any, ...], RowReader]]:
+        return weakref.WeakKeyDictionary()
 
     @functools.cached_property
     def references(self) -> list[tuple[str, SyncedModel]]:
@@ -126,8 +131,8 @@ class RowReader:
     rows through `wire_row`, so the wire shows a row the same way everywhere.
     """
 
-    columns: tuple[tuple[str, Callable[[Any], Any] | None], ...]  # (attribute, driver value -> Python value)
-    fields: tuple[tuple[str, int, Callable[[Any], Any] | None, Callable[..., Any], str], ...]  # per schema field
+    columns: tuple[tuple[str, Callable[[Any], Any] | None], ...]  # (column, driver value -> Python value)
+    fields: tuple[WireField, ...]  # the schema's dumped fields
 
     @classmethod
     def of(cls, model: SyncedModel, dialect: Dialect, type_codes: tuple[Any, ...]) -> RowReader:
@@ -136,14 +141,14 @@ class RowReader:
             for name, column, type_code in zip(model.columns, model.table_columns, type_codes)
         )
         index = {name: n for n, name in enumerate(model.columns)}
-        fields = tuple(
-            (field.data_key or name, index[name], columns[index[name]][1], field._serialize, name)
-            for name, field in model.schema.fields.items()
-        )
-        return cls(columns, fields)
+        fields = []
+        for name, field in model.schema.dump_fields.items():
+            column = index[field.attribute or name]
+            fields.append(WireField(field.data_key or name, column, columns[column][1], field._serialize, name))
+        return cls(columns, tuple(fields))
 
     def values(self, stored: Sequence[Any]) -> dict[str, Any]:
-        """The row as Python values, keyed by attribute."""
+        """The row as Python values, keyed by column."""
         return {name: value if load is None else load(value) for (name, load), value in zip(self.columns, stored)}
 
     def wire_row(self, stored: Sequence[Any]) -> dict[str, Any]:
@@ -154,9 +159,17 @@ class RowReader:
         its schema's dump). Bootstraps run every row through here: it is kept
         to one pass."""
         return {
-            wire_name: serialize(stored[n] if load is None else load(stored[n]), name, None)
-            for wire_name, n, load, serialize, name in self.fields
+            wire_name: serialize(stored[column] if load is None else load(stored[column]), name, None)
+            for wire_name, column, load, serialize, name in self.fields
         }
+
+
+class WireField(NamedTuple):
+    wire_name: str
+    column: int  # its index in a stored row
+    load: Callable[[Any], Any] | None  # the driver's value -> the Python value
+    serialize: Callable[..., Any]  # the schema field's: the Python value -> the wire's
+    name: str  # in the schema
 
 
 SYNCED_MODELS: dict[str, SyncedModel] = {}
