@@ -1,7 +1,10 @@
 """The flask commands: seed and create-user hand out tokens, add-member and
 remove-member change sync groups, init-db resets the database."""
 
-from helpers import as_store, assert_error, group, mutate, read_log, replay, sign_in, snapshot, wire
+from flask import Flask
+
+from app import create_app
+from helpers import as_store, assert_error, group, mutate, read_log, replay, shut_down, sign_in, snapshot, wire
 
 
 def seed(runner) -> dict[str, str]:
@@ -133,3 +136,17 @@ def test_a_client_of_the_wiped_database_is_told_to_bootstrap_again(app, runner):
         error = assert_error(ada.get(f"/sync?since={stale_cursor}"), 409, "unknown_cursor")
         assert "Bootstrap again" in error["message"]
     assert len(read_log(ada, since=8)) == 7
+
+
+def test_database_url_wins_over_instance_config(tmp_path, monkeypatch):
+    """A server or command started with DATABASE_URL uses that database, whatever instance/config.py says."""
+    (tmp_path / "config.py").write_text(f"SQLALCHEMY_DATABASE_URI = 'sqlite:///{tmp_path / 'from-config.sqlite3'}'\nCORS_ORIGIN = 'https://example.org'\n")
+    monkeypatch.setattr(Flask, "auto_find_instance_path", lambda self: str(tmp_path))
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'from-environment.sqlite3'}")
+    app = create_app()
+    try:
+        assert app.config["SQLALCHEMY_DATABASE_URI"].endswith("from-environment.sqlite3")
+        assert app.config["CORS_ORIGIN"] == "https://example.org"  # the file's other settings still apply
+        assert (tmp_path / "from-environment.sqlite3").exists() and not (tmp_path / "from-config.sqlite3").exists()
+    finally:
+        shut_down(app)
