@@ -28,7 +28,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -729,7 +729,7 @@ SYNC_ACTIONS = {"create": "insert", "update": "update", "delete": "delete"}  # a
 @dataclass(frozen=True)
 class RowSql:
     """The statements that read and write one model's rows; columns in model.columns order, id first.
-    A write returns the row as stored."""
+    An insert or update returns the row as stored."""
 
     select: str
     insert: str
@@ -839,33 +839,32 @@ def bootstrap():
         raise
 
     def body() -> Iterator[str]:
-        try:
-            yield '{"bootstrap":{'
-            for n, model in enumerate(query["models"]):
-                yield ("," if n else "") + json.dumps(model.name) + ":["
-                separator = ""
-                for rows in read_rows(db_connection, chosen, model, sync_groups):
+        yield '{"bootstrap":{'
+        for n, model in enumerate(query["models"]):
+            yield ("," if n else "") + json.dumps(model.name) + ":["
+            separator = ""
+            with closing(read_rows(db_connection, chosen, model, sync_groups)) as chunks:
+                for rows in chunks:
                     yield separator + json.dumps(rows, separators=(",", ":"))[1:-1]
                     separator = ","
-                yield "]"
-            yield f'}},"firstSyncId":{first_sync_id},"syncGroups":{json.dumps(sync_groups, separators=(",", ":"))}}}\n'
-        finally:
-            db_connection.close()  # back to the pool, which ends the read transaction
+            yield "]"
+        yield f'}},"firstSyncId":{first_sync_id},"syncGroups":{json.dumps(sync_groups, separators=(",", ":"))}}}\n'
 
-    return current_app.response_class(body(), mimetype="application/json")
+    response = current_app.response_class(body(), mimetype="application/json")
+    # Once the answer is sent, or the client is gone, or it was a HEAD that never read the body:
+    # back to the pool, which ends the read transaction.
+    response.call_on_close(db_connection.close)
+    return response
 
 
 def read_rows(db_connection: DbConnection, chosen: Flavour, model: SyncedModel, sync_groups: list[str]) -> Iterator[list[dict]]:
     """The model's rows in those groups, in their wire form, a chunk at a time."""
     condition, params = model.sync_groups.rows_in(sync_groups)
     sql = f"SELECT {', '.join(model.columns)} FROM {model.table.__tablename__} WHERE {condition} ORDER BY id"
-    cursor = db_connection.stream(sql, params) if chosen.postgres else db_connection.execute(sql, params)
-    try:
+    with closing(db_connection.stream(sql, params) if chosen.postgres else db_connection.execute(sql, params)) as cursor:
         reader = model.reader(chosen.dialect, cursor.description)
         while rows := cursor.fetchmany(BOOTSTRAP_CHUNK):
             yield [reader.wire_row(row) for row in rows]
-    finally:
-        cursor.close()
 
 
 # --- 6. GET /sync -----------------------------------------------------------
