@@ -1134,29 +1134,41 @@ def sync_id_field(**kwargs) -> fields.Integer:
     return fields.Integer(strict=True, validate=validate.Range(0, INT64[1]), **kwargs)
 
 
-def sync_action_component(name: str) -> dict[str, Any]:
-    """A sync action of one model: insert and update carry the full row after the change, delete no data."""
-    common = {
-        "syncId": {"type": "integer", "format": "int64", "minimum": 0, "maximum": INT64[1]},
-        "modelName": {"type": "string", "enum": [name]},
-        "modelId": {"type": "string", "minLength": 1, "maxLength": MAX_ID_LENGTH},
+def ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def sync_action_schemas(model: SyncedModel) -> dict[str, type[Schema]]:
+    """A model's sync actions: insert and update carry its full row after the change, delete no data."""
+
+    def shape(actions: list[str], **data: fields.Field) -> type[Schema]:
+        return Schema.from_dict(
+            {
+                "sync_id": sync_id_field(data_key="syncId", required=True),
+                "action": fields.String(required=True, validate=validate.OneOf(actions)),
+                "model_name": fields.String(data_key="modelName", required=True, validate=validate.OneOf([model.name])),
+                "model_id": model_id(data_key="modelId", required=True),
+                **data,
+            }
+        )
+
+    row = fields.Nested(type(model.schema), required=True, metadata={"description": "The full row after the change."})
+    return {f"{model.name}RowAction": shape(["insert", "update"], data=row), f"{model.name}DeleteAction": shape(["delete"])}
+
+
+def one_of(property_name: str, mapping: dict[str, str]) -> dict[str, Any]:
+    """One of the schemas in `mapping`, told apart by a property's value."""
+    return {
+        "oneOf": [ref(name) for name in dict.fromkeys(mapping.values())],
+        "discriminator": {"propertyName": property_name, "mapping": {value: ref(name)["$ref"] for value, name in mapping.items()}},
     }
 
-    def shape(actions: list[str], row: bool) -> dict[str, Any]:
-        properties = {"syncId": common["syncId"], "action": {"type": "string", "enum": actions}, **common}
-        if row:
-            properties["data"] = {"$ref": f"#/components/schemas/{name}"}
-        return {"type": "object", "properties": properties, "required": list(properties), "additionalProperties": False}
 
-    return {"oneOf": [shape(["insert", "update"], row=True), shape(["delete"], row=False)]}
-
-
-def response_schemas() -> dict[str, type[Schema]]:
+def response_schemas(models: tuple[SyncedModel, ...]) -> dict[str, type[Schema]]:
     """The answers of /sync and /bootstrap, which name every synced model."""
-    sync_action = {"anyOf": [{"$ref": f"#/components/schemas/{name}SyncAction"} for name in SYNCED_MODELS]}
     sync = Schema.from_dict(
         {
-            "sync": fields.List(fields.Raw(metadata=sync_action), required=True),
+            "sync": fields.List(fields.Raw(metadata={"allOf": [ref("SyncAction")]}), required=True),
             "last_sync_id": sync_id_field(data_key="lastSyncId", required=True),
             "sync_groups": fields.List(fields.String(), data_key="syncGroups", required=True),
             "has_more": fields.Boolean(data_key="hasMore", required=True),
@@ -1164,7 +1176,7 @@ def response_schemas() -> dict[str, type[Schema]]:
         name="SyncResponse",
     )
     # A key for each requested model, holding rows of that model's schema.
-    rows = Schema.from_dict({name: fields.List(fields.Nested(type(model.schema))) for name, model in SYNCED_MODELS.items()}, name="BootstrapRows")
+    rows = Schema.from_dict({model.name: fields.List(fields.Nested(type(model.schema))) for model in models}, name="BootstrapRows")
     bootstrap = Schema.from_dict(
         {
             "bootstrap": fields.Nested(rows, required=True),
@@ -1205,9 +1217,9 @@ def refusal(description: str, **headers: str) -> dict:
     return response
 
 
-def api_operations() -> dict[str, Any]:
+def api_operations(models: tuple[SyncedModel, ...]) -> dict[str, Any]:
     """Each path's operations, in apispec's input form (a new dict each time: apispec resolves it in place)."""
-    answers = response_schemas()
+    answers = response_schemas(models)
     unauthorized = refusal(
         "unauthorized (type auth): a missing, malformed or unknown token.", **{"WWW-Authenticate": "Bearer: send a token."}
     )
@@ -1274,25 +1286,29 @@ def api_operations() -> dict[str, Any]:
     }
 
 
-def query_field_properties(converter, field: fields.Field, ret: dict, **_) -> dict:
+def query_field_properties(models: tuple[SyncedModel, ...]):
     """SyncId, WaitSeconds and CommaList parse query strings; the document says what the strings may hold."""
-    if isinstance(field, SyncId):
-        return {"minimum": ret.get("minimum", 0), "maximum": ret.get("maximum", INT64[1])}
-    if isinstance(field, WaitSeconds):
-        return {"pattern": r"^(?:[12]?[0-9](?:\.[0-9]{1,3})?|30(?:\.0{1,3})?)$"}
-    if isinstance(field, CommaList):
-        item = "|".join(map(re.escape, SYNCED_MODELS)) if field.item is known_model else SYNC_GROUP.pattern
-        items = "(?:{0})(?:,(?:{0}))*".format(item)
-        return {"pattern": f"^(?:{items})?$" if field.allow_empty else f"^{items}$"}
-    return {}
+
+    def properties(converter, field: fields.Field, ret: dict, **_) -> dict:
+        if isinstance(field, SyncId):
+            return {"minimum": ret.get("minimum", 0), "maximum": ret.get("maximum", INT64[1])}
+        if isinstance(field, WaitSeconds):
+            return {"pattern": r"^(?:[12]?[0-9](?:\.[0-9]{1,3})?|30(?:\.0{1,3})?)$"}
+        if isinstance(field, CommaList):
+            item = "|".join(re.escape(model.name) for model in models) if field.item is known_model else SYNC_GROUP.pattern
+            items = "(?:{0})(?:,(?:{0}))*".format(item)
+            return {"pattern": f"^(?:{items})?$" if field.allow_empty else f"^{items}$"}
+        return {}
+
+    return properties
 
 
 def openapi_document() -> dict[str, Any]:
-    return describe_api(tuple(SYNCED_MODELS))
+    return describe_api(tuple(SYNCED_MODELS.values()))
 
 
 @functools.cache
-def describe_api(models: tuple[str, ...]) -> dict[str, Any]:
+def describe_api(models: tuple[SyncedModel, ...]) -> dict[str, Any]:
     """The OpenAPI document of the API serving these synced models (built once: apispec takes a while)."""
     plugin = MarshmallowPlugin()
     spec = APISpec(
@@ -1306,15 +1322,22 @@ def describe_api(models: tuple[str, ...]) -> dict[str, Any]:
     plugin.map_to_openapi_type(SyncId, "integer", "int64")
     plugin.map_to_openapi_type(CommaList, "string", None)
     plugin.map_to_openapi_type(WaitSeconds, "string", None)
-    plugin.converter.add_attribute_function(query_field_properties)
+    plugin.converter.add_attribute_function(query_field_properties(models))
     spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer", "description": "<userId>.<secret>"})
-    for name in models:  # rows are named as the client names their models
-        spec.components.schema(name, schema=type(SYNCED_MODELS[name].schema))
-        spec.components.schema(f"{name}SyncAction", component=sync_action_component(name))
+    for model in models:  # rows are named as the client names their models
+        spec.components.schema(model.name, schema=type(model.schema))
+        actions = sync_action_schemas(model)
+        for name, schema in actions.items():
+            spec.components.schema(name, schema=schema)
+        row_action, delete_action = actions
+        spec.components.schema(
+            f"{model.name}SyncAction", component=one_of("action", {"insert": row_action, "update": row_action, "delete": delete_action})
+        )
+    spec.components.schema("SyncAction", component=one_of("modelName", {model.name: f"{model.name}SyncAction" for model in models}))
     # Given for the paths and methods that are not listed.
     spec.components.response("NotFound", refusal("not_found: no such endpoint."))
     spec.components.response("MethodNotAllowed", refusal("method_not_allowed.", Allow="The methods the path takes."))
-    for path, operations in api_operations().items():
+    for path, operations in api_operations(models).items():
         spec.path(path=path, operations=operations)
     return spec.to_dict()
 
