@@ -10,9 +10,12 @@ and in every server the tests start in a process of its own (`checked_app`
 for gunicorn, tests/live_server.py for the Node tests), so no test has to
 remember to call it.
 
-A response that does not match fails the test that received it: in the
-test's own thread the check raises, and a response served from another
-thread or process is recorded, to fail the test when it ends (conftest.py).
+A response that does not match fails the test that received it: every
+violation is recorded, for conftest.py to fail the test when it ends, and in
+the test's own thread (a testing app, called through the test client) the
+check also raises at once. The test client reads every answer whole, so a
+streamed one is checked before the test sees it; a server counts a streamed
+answer its client stopped reading as unfinished, not as checked.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import threading
 from typing import Any
 
 from flask import Flask, request, request_finished
+from flask.testing import FlaskClient
 from jsonschema.exceptions import best_match
 from openapi_schema_validator import OAS30Validator, oas30_format_checker
 
@@ -40,42 +44,46 @@ class ContractViolation(AssertionError):
 class Tally:
     """The responses checked, and the violations not yet claimed by a test.
 
-    In the tests' process, violations are kept here, and servers in processes
-    of their own append their outcomes to the file `reports_from`, read at
-    each claim; in such a server's process, `report` names that file."""
+    In the tests' process, outcomes are kept here, and servers in processes
+    of their own append theirs to the file `reports_from`, read at each
+    claim; in such a server's process, `report` names that file."""
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.validated = 0  # in this process
-        self.servers_validated = 0  # by servers in processes of their own
+        # "ok" (checked) and "unfinished", in this process and by servers in processes of their own
+        self.counts = {where: {"ok": 0, "unfinished": 0} for where in ("here", "servers")}
         self.violations: list[str] = []
         self.report: str | None = None
         self.reports_from: str | None = None
         self.read_to = 0
 
-    def record(self, violation: str | None) -> None:
+    def record(self, outcome: str) -> None:
+        """"ok", "unfinished", or a violation."""
         if self.report:
             with open(self.report, "a") as file:  # one short write: concurrent workers' lines do not interleave
-                file.write(json.dumps(violation or "ok") + "\n")
+                file.write(json.dumps(outcome) + "\n")
             return
         with self.lock:
-            self.validated += violation is None
-            if violation is not None:
-                self.violations.append(violation)
+            self.add("here", [outcome])
+
+    def add(self, where: str, outcomes: list[str]) -> None:
+        for outcome in outcomes:
+            if outcome in self.counts[where]:
+                self.counts[where][outcome] += 1
+            else:
+                self.violations.append(outcome)
 
     def claim(self) -> list[str]:
         """The violations found since the last claim, in this process and by servers."""
         with self.lock:
-            found, self.violations = self.violations, []
             if self.reports_from:
                 with open(self.reports_from, "rb") as file:
                     file.seek(self.read_to)
                     written = file.read()
                 whole = written[: written.rfind(b"\n") + 1]  # a line still being written waits for the next claim
                 self.read_to += len(whole)
-                outcomes = [json.loads(line) for line in whole.splitlines()]
-                self.servers_validated += outcomes.count("ok")
-                found += [outcome for outcome in outcomes if outcome != "ok"]
+                self.add("servers", [json.loads(line) for line in whole.splitlines()])
+            found, self.violations = self.violations, []
         return found
 
 
@@ -131,11 +139,19 @@ def check(method: str, path: str, status: int, headers, body: bytes) -> None:
         if header.get("required") and name not in headers:
             raise ContractViolation(f"{where}: no {name} header, which the document promises")
     schema = documented["content"]["application/json"]["schema"]
-    error = best_match(validator(document, where, schema).iter_errors(json.loads(body)))
+    try:
+        value = json.loads(body, parse_constant=not_json)
+    except ValueError as error:
+        raise ContractViolation(f"{where}: the body is not JSON ({error}): {body[:200]!r}") from None
+    error = best_match(validator(document, where, schema).iter_errors(value))
     if error is not None:
         error = deepest(error)
         at = "/".join(map(str, error.absolute_path)) or "the body"
         raise ContractViolation(f"{where}: at {at}: {error.message}; body: {body[:500]!r}")
+
+
+def not_json(constant: str):
+    raise ValueError(f"{constant} is not JSON")
 
 
 def deepest(error):
@@ -148,14 +164,19 @@ def on_response(app: Flask, response, **_: Any) -> None:
     """Checks an answer once its body is whole: at once, or when a streamed body has been sent to its end."""
     method, path = request.method, request.path
     status, headers = response.status_code, response.headers
+    # Only there does an exception reach the test: elsewhere it would turn the answer into a 500.
+    in_the_tests_thread = app.testing and threading.current_thread() is threading.main_thread()
 
     def verify(body: bytes) -> None:
         try:
             check(method, path, status, headers, body)
-        except ContractViolation as violation:
-            TALLY.record(str(violation))
-            raise
-        TALLY.record(None)
+        except Exception as error:  # a ContractViolation, or a check that could not even run
+            violation = str(error) if isinstance(error, ContractViolation) else f"{method} {path} {status}: {error!r}"
+            TALLY.record(violation)
+            if in_the_tests_thread:
+                raise ContractViolation(violation) from error
+        else:
+            TALLY.record("ok")
 
     if response.is_streamed:
         response.response = CheckedStream(response.response, verify)
@@ -167,19 +188,30 @@ class CheckedStream:
     """A streamed body passed through as it is sent, and checked whole after its last chunk."""
 
     def __init__(self, body, verify):
-        self.body, self.verify = body, verify
+        self.body, self.verify, self.finished = body, verify, False
 
     def __iter__(self):
         parts = []
         for part in self.body:
             parts.append(part if isinstance(part, bytes) else part.encode())
             yield part
+        self.finished = True
         self.verify(b"".join(parts))
 
     def close(self) -> None:
+        if not self.finished:
+            TALLY.record("unfinished")  # its client stopped reading it: there is no whole body to check
         close = getattr(self.body, "close", None)
         if close is not None:
             close()
+
+
+class WholeBodyClient(FlaskClient):
+    """Flask's test client, reading every answer whole before handing it to the test, so that a streamed
+    answer is checked too, even where the test only looks at its status."""
+
+    def open(self, *args: Any, **kwargs: Any):
+        return super().open(*args, **{**kwargs, "buffered": True})
 
 
 def install(report: str | None = None, reports_from: str | None = None) -> None:
@@ -188,10 +220,12 @@ def install(report: str | None = None, reports_from: str | None = None) -> None:
     reads its servers' from `reports_from`."""
     TALLY.report, TALLY.reports_from = report, reports_from
     request_finished.connect(on_response)
+    Flask.test_client_class = WholeBodyClient
 
 
 def uninstall() -> None:
     request_finished.disconnect(on_response)
+    Flask.test_client_class = None
 
 
 def checked_app() -> Flask:

@@ -1,5 +1,7 @@
 """The app as it runs in production: gunicorn processes on 127.0.0.1, and a
-small keep-alive HTTP client for the tests that drive them."""
+small keep-alive HTTP client for the tests that drive them. The tests'
+servers also check every response against the contract (tests/contract.py),
+which costs their workers CPU: rates measured here are not the benchmark's."""
 
 from __future__ import annotations
 
