@@ -298,11 +298,9 @@ def stored_rows(source) -> dict[str, list[dict]]:
             return stored_rows(connection)
     rows = {}
     for name, model in SYNCED_MODELS.items():
-        columns = model.table.__table__.columns
-        found = source.execute(text(f"SELECT {', '.join(c.name for c in columns)} FROM {model.table.__tablename__}"))
-        # SQLite stores a boolean as 0 or 1: give each value its column's Python type back.
-        typed = [{c.key: c.type.python_type(v) for c, v in zip(columns, values)} for values in found]
-        rows[name] = model.schema.dump(typed, many=True)
+        # Through SQLAlchemy's Core, not the app's reader: the column types give each value its Python type back.
+        found = source.execute(sqlalchemy.select(model.table.__table__))
+        rows[name] = model.schema.dump([row._asdict() for row in found], many=True)
     return rows
 
 
