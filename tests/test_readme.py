@@ -8,7 +8,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -57,29 +56,30 @@ def complete(command: str) -> bool:
     return True
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture
 def readers_server(database_url, tmp_path):
-    """`flask --app app seed`, then `flask --app app run`, as the README says, on a new database."""
+    """`flask --app app seed`, then `flask run` on a new database, as the README says; the server
+    is the README's app with the tests' check of every response (tests/contract.py)."""
     environment = {**os.environ, "DATABASE_URL": database_url}
-    flask = [sys.executable, "-m", "flask", "--app", "app"]
-    seeded = subprocess.run([*flask, "seed"], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=60)
-    assert seeded.returncode == 0, seeded.stderr
-    port = free_port()
-    server = subprocess.Popen(
-        [*flask, "run", "--port", str(port)], cwd=ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    seeded = subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "app", "seed"], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=60
     )
+    assert seeded.returncode == 0, seeded.stderr
+    log = tmp_path / "flask-run.log"
+    with open(log, "w") as output:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "flask", "--app", "contract:checked_app()", "run", "--port", "0"],
+            cwd=ROOT,
+            env={**environment, "PYTHONPATH": str(ROOT / "tests")},
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + 30
-        while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
-            assert server.poll() is None and time.monotonic() < deadline, "flask run did not start"
+        while not (listening := re.search(r"Running on http://(127\.0\.0\.1:\d+)", log.read_text())):
+            assert server.poll() is None and time.monotonic() < deadline, f"flask run did not start:\n{log.read_text()}"
             time.sleep(0.05)
-        yield seeded.stdout, f"127.0.0.1:{port}", tmp_path
+        yield seeded.stdout, listening[1], tmp_path
     finally:
         server.terminate()
         server.wait(timeout=10)
