@@ -1000,12 +1000,12 @@ page AS (
     SELECT least(%(until)s, head) AS cursor FROM log
 )
 SELECT log_start, head, cursor,
-    (SELECT json_agg(sync_group ORDER BY sync_group <> 'all', sync_group)::text FROM caller_groups),
+    (SELECT array_to_json(array_agg(sync_group ORDER BY sync_group <> 'all', sync_group))::text FROM caller_groups),
+    -- Written out, not json_build_object, whose text has spaces around every colon.
     (SELECT coalesce(string_agg(
-        CASE WHEN data IS NULL OR data = 'null'
-            THEN json_build_object('syncId', id, 'action', action, 'modelName', model_name, 'modelId', model_id)
-            ELSE json_build_object('syncId', id, 'action', action, 'modelName', model_name, 'modelId', model_id, 'data', data::json)
-        END::text, ',' ORDER BY id), '')
+        '{"syncId":' || id || ',"action":' || to_json(action) || ',"modelName":' || to_json(model_name)
+            || ',"modelId":' || to_json(model_id) || coalesce(',"data":' || nullif(data, 'null'), '') || '}',
+        ',' ORDER BY id), '')
      FROM sync_action
      WHERE id IN (
          SELECT sync_action_id FROM sync_action_group
