@@ -91,7 +91,7 @@ TALLY = Tally()
 
 
 def documented_response(document: dict, method: str, path: str, status: int) -> dict | None:
-    """The response object the document gives for this answer; None for an answer outside the API (a page, a file)."""
+    """The response object the document gives for this answer; None for a success it does not describe."""
     operations = document["paths"].get(path)
     if operations is not None and method.lower() in operations:
         responses = operations[method.lower()]["responses"]
@@ -150,7 +150,7 @@ def not_json(constant: str):
 
 
 def deepest(error):
-    """Of an error and those under it (the branches of an anyOf), the one deepest in the body: a sync action
+    """Of an error and those under it (the branches of a oneOf), the one deepest in the body: a sync action
     fails every model's schema, but only its own model's says which field is wrong."""
     return max([error, *map(deepest, error.context)], key=lambda found: len(found.absolute_path))
 
