@@ -17,11 +17,14 @@ PROPERTY_EXAMPLES sets how many workloads are tried (200 by default).
 
 import os
 import tempfile
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, rule, run_state_machine_as_test
+
+from flask import Flask
 
 from app import create_app
 from helpers import (
@@ -35,6 +38,7 @@ from helpers import (
     read_log,
     replay,
     set_member,
+    shut_down,
     sign_in,
     snapshot,
     stored_rows,
@@ -42,7 +46,6 @@ from helpers import (
     update,
     wire,
 )
-from models import db
 
 USERS = 3
 GROUP_IDS = ["g1", "g2", "g3"]
@@ -200,30 +203,36 @@ def target_group(change: dict, todo_groups: dict[str, str | None]) -> str | None
     return f"group:{change['data']['groupId']}" if change["action"] == "create" else todo_groups.get(row_id)
 
 
+@contextmanager
+def three_users(engine: str) -> Iterator[tuple[Flask, str, list]]:
+    """An app on a new database of the engine, with its URL and three signed-in users: user 0 created
+    Authors a1 and a2, Groups g1 and g2 (so is in both) and Todos t1 in g1 and t2 in g2; user 1 is in
+    group:g1, user 2 in group:g2."""
+    with tempfile.TemporaryDirectory() as directory, fresh_database(engine, directory) as url:
+        app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": url})
+        try:
+            users = [sign_in(app, f"user {n}") for n in range(USERS)]
+            mutate(users[0], create("Author", "a1", name="Ada"), create("Author", "a2", name="Grace"), group("g1"), group("g2"))
+            mutate(users[0], todo("t1", "g1"), todo("t2", "g2"))
+            for user, sync_group in zip(users[1:], ["group:g1", "group:g2"]):
+                set_member(app, user, sync_group)
+            yield app, url, users
+        finally:
+            shut_down(app)
+
+
 class MultiUserWorkload(RuleBasedStateMachine):
     def __init__(self, engine: str):
         super().__init__()
         self.cleanup = ExitStack()  # each workload on a new database of the engine
         try:
-            url = self.cleanup.enter_context(fresh_database(engine, self.cleanup.enter_context(tempfile.TemporaryDirectory())))
-            self.app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": url})
-            self.cleanup.callback(self.dispose)
+            self.app, url, self.users = self.cleanup.enter_context(three_users(engine))
             self.database = Database(url)
-            self.users = [sign_in(self.app, f"user {n}") for n in range(USERS)]
-            founder = self.users[0]
-            mutate(founder, create("Author", "a1", name="Ada"), create("Author", "a2", name="Grace"), group("g1"), group("g2"))
-            mutate(founder, todo("t1", "g1"), todo("t2", "g2"))
-            for user, sync_group in zip(self.users[1:], ["group:g1", "group:g2"]):
-                set_member(self.app, user, sync_group)
             self.clients = [ReplayingClient(user, self.database) for user in self.users]
             self.committed: dict[tuple[int, str], tuple[list, dict]] = {}
         except BaseException:
             self.cleanup.close()
             raise
-
-    def dispose(self) -> None:
-        with self.app.app_context():
-            db.engine.dispose()
 
     @rule(user=st.integers(0, USERS - 1), data=st.data(), transaction_id=st.none() | st.sampled_from(["tx-1", "tx-2"]))
     def write(self, user, data, transaction_id):
@@ -330,7 +339,6 @@ def test_random_multi_user_workloads(engine):
 
 # --- Replay equals bootstrap, as JSON text --------------------------------------
 
-WRITERS = 3  # Ada, in g1 and g2; Grace, in g1; Hal, in g2
 TODO_VALUES = {
     "text": st.sampled_from(["", "Buy coffee", "café ☕", "0", "false"]),
     "authorId": st.sampled_from(["a1", "a2"]),
@@ -351,7 +359,7 @@ replay_changes = st.one_of(
     st.builds(lambda i, n: update("Group", i, name=n), st.sampled_from(["g1", "g2"]), st.sampled_from(["Kitchen", "Garden"])),
     st.builds(lambda i, n: update("Author", i, name=n), st.sampled_from(["a1", "a2"]), st.sampled_from(["Ada", "Grace"])),
 )
-writes = st.lists(st.tuples(st.integers(0, WRITERS - 1), st.lists(replay_changes, min_size=1, max_size=2)), max_size=12)
+writes = st.lists(st.tuples(st.integers(0, USERS - 1), st.lists(replay_changes, min_size=1, max_size=2)), max_size=12)
 
 
 def test_each_users_replay_of_sync_from_0_equals_its_eager_bootstrap_as_json_text(engine):
@@ -359,27 +367,16 @@ def test_each_users_replay_of_sync_from_0_equals_its_eager_bootstrap_as_json_tex
     /sync from 0, replayed, is exactly that user's bootstrap: every value in the same type."""
 
     @given(writes)
-    @example([(writer, [update("Todo", "t1" if writer < 2 else "t2", **{field: value})]) for writer in range(WRITERS) for field, value in EACH_FIELD])
+    @example([(writer, [update("Todo", "t1" if writer < 2 else "t2", **{field: value})]) for writer in range(USERS) for field, value in EACH_FIELD])
     @settings(max_examples=int(os.environ.get("PROPERTY_EXAMPLES", 200)) // 2, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     def replay_equals_bootstrap(sequence):
-        with tempfile.TemporaryDirectory() as directory, fresh_database(engine, directory) as url:
-            app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": url})
-            try:
-                ada, grace, hal = (sign_in(app, name) for name in ("Ada", "Grace", "Hal"))
-                mutate(ada, create("Author", "a1", name="Ada"), create("Author", "a2", name="Grace"), group("g1"), group("g2"))
-                mutate(ada, todo("t1", "g1"), todo("t2", "g2"))
-                set_member(app, grace, "group:g1")
-                set_member(app, hal, "group:g2")
-                users = [ada, grace, hal]
-                for writer, changes in sequence:
-                    response = users[writer].post("/mutate", json={"changes": changes})
-                    event(f"replay: write {response.status_code}")
-                    assert response.status_code in (200, 403, 409), response.get_json()
-                for user in users:
-                    bootstrap = user.get(f"/bootstrap?type=eager&models={MODELS}").get_json()["bootstrap"]
-                    assert wire(replay(read_log(user))) == wire(as_store(bootstrap)), f"{user.user_id}'s replay differs from its bootstrap"
-            finally:
-                with app.app_context():
-                    db.engine.dispose()
+        with three_users(engine) as (_, _, users):
+            for writer, changes in sequence:
+                response = users[writer].post("/mutate", json={"changes": changes})
+                event(f"replay: write {response.status_code}")
+                assert response.status_code in (200, 403, 409), response.get_json()
+            for user in users:
+                bootstrap = user.get(f"/bootstrap?type=eager&models={MODELS}").get_json()["bootstrap"]
+                assert wire(replay(read_log(user))) == wire(as_store(bootstrap)), f"{user.user_id}'s replay differs from its bootstrap"
 
     replay_equals_bootstrap()
