@@ -1,7 +1,7 @@
 """What the README shows is what the server does: its seed output and its curl
-walkthrough, run as a reader would (`flask --app app seed`, `flask --app app
-run`, the very curl commands in one bash), every answer compared with the
-README's as JSON text, every value in its type."""
+walkthrough, run as a reader would (`flask --app app seed`, `flask run`, the
+very curl commands in one bash), every answer compared with the README's as
+JSON text, every value in its type."""
 
 import json
 import os

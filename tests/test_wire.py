@@ -80,7 +80,7 @@ NOTE = {"id": "n1", "groupId": "g1", "title": None, "weight": 1.5, "due": "2026-
 
 
 def test_a_nullable_string_a_float_and_a_date_come_out_alike_everywhere(notes):
-    mutate(notes, create("Note", "n1", **{k: v for k, v in NOTE.items() if k != "id"}))
+    mutate(notes, create("Note", "n1", **NOTE))
     inserted = bootstrap_row(notes, "Note", "n1")
     assert wire(inserted) == wire(NOTE)
 
@@ -97,7 +97,7 @@ def test_a_nullable_string_a_float_and_a_date_come_out_alike_everywhere(notes):
 
 def test_every_models_wire_row_is_what_its_schema_dumps(app, notes):
     """wire_row serializes field by field, for speed: it must equal the schema's own dump, model by model."""
-    mutate(notes, create("Note", "n1", **{k: v for k, v in NOTE.items() if k != "id"}), update("Note", "n1", title="x"))
+    mutate(notes, create("Note", "n1", **NOTE), update("Note", "n1", title="x"))
     with app.app_context():
         db_connection = speaking_sql(db.engine.raw_connection())
         try:
