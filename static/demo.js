@@ -39,7 +39,9 @@ function startClient(name, token) {
   const $ = (selector) => panel.querySelector(selector);
   $(".client-name").textContent = name;
 
-  const network = createNetworkAdapter({ token });  // long polls: actions arrive as soon as they commit
+  // Long polls: actions arrive as soon as they commit. The adapter calls our
+  // fetch, so every request it makes shows in the panel's request log.
+  const network = createNetworkAdapter({ token, fetch: loggedFetch });
   /** @type {{id: string, draft: string} | undefined} */
   let editing;
 
@@ -64,7 +66,7 @@ function startClient(name, token) {
     const groupId = form.elements.group.value;
     const author = pickAuthor();
     if (!text || !groupId || !author) return;
-    const id = newId("t");
+    const id = newTodoId();
     const data = { id, text, authorId: author.id, groupId, isDone: false, likeCount: 0 };
     store.mutate([{ action: "create", modelName: "Todo", modelId: id, data }]);
     form.elements.text.value = "";
@@ -96,7 +98,10 @@ function startClient(name, token) {
     select.replaceChildren(...groups.map((group) => new Option(group.name, group.id, false, group.id === chosen)));
 
     const focused = document.activeElement?.classList.contains("edit-text");
-    const todos = store.view("Todo");
+    // Sorted by id (see newTodoId), so live and reloaded lists agree: the store
+    // keeps rows in the order their actions arrived, a reload in the bootstrap's
+    // (by id), and a todo written offline arrives after todos created later.
+    const todos = store.view("Todo").sort((a, b) => (a.row.id < b.row.id ? -1 : a.row.id > b.row.id ? 1 : 0));
     const sections = groups.map((group) => {
       const items = todos.filter(({ row }) => row.groupId === group.id).map(renderTodo);
       return el("section", { className: "group" }, [
@@ -149,24 +154,50 @@ function startClient(name, token) {
     render();
   }
 
+  /** An action's line; inserts and updates open to show the row they carry (deletes carry none). */
   function logAction(action) {
-    const row = el("tr", { className: `action ${action.action}` }, [
-      el("td", {}, [String(action.syncId)]),
-      el("td", {}, [action.action]),
-      el("td", {}, [action.modelName]),
-      el("td", {}, [action.modelId]),
-    ]);
-    addLogRow(row);
+    const cells = [action.syncId, action.action, action.modelName, action.modelId].map((text) => el("span", {}, [String(text)]));
+    const entry = "data" in action
+      ? el("details", {}, [el("summary", { className: "line" }, cells), el("pre", {}, [JSON.stringify(action.data, null, 2)])])
+      : el("div", { className: "line" }, cells);
+    addLogEntry($("ol.actions"), el("li", { className: `action ${action.action}` }, [entry]));
   }
 
   function logLine(text) {
-    addLogRow(el("tr", { className: "note" }, [el("td", { colSpan: 4 }, [text])]));
+    addLogEntry($("ol.actions"), el("li", { className: "note" }, [text]));
   }
 
-  function addLogRow(row) {
-    const body = $("tbody.actions");
-    body.prepend(row);
-    while (body.children.length > LOG_LENGTH) body.lastElementChild.remove();
+  /** The adapter's fetch: the real one, with a line in the request log that it completes. */
+  async function loggedFetch(url, init) {
+    const { pathname, search } = new URL(url, location.href);
+    const code = el("span", { className: "code" }, ["…"]);
+    const took = el("span", { className: "took" });
+    const method = el("span", { className: "method" }, [init?.method ?? "GET"]);
+    const line = el("li", { className: "pending" }, [method, el("span", { className: "path" }, [pathname + search]), code, took]);
+    addLogEntry($("ol.requests"), line);
+    const started = performance.now();
+    const finish = (outcome, className) => {
+      // Until the answer's headers: this server sends them once a held poll ends, so it is the hold.
+      const ms = performance.now() - started;
+      took.textContent = ms < 1000 ? `${Math.round(ms)} ms` : `${(ms / 1000).toFixed(2)} s`;
+      code.textContent = outcome;
+      line.className = className;
+    };
+    try {
+      const response = await fetch(url, init);
+      finish(String(response.status), response.ok ? "ok" : "error");
+      return response;
+    } catch (error) {
+      const outcome = error?.name === "AbortError" ? "aborted" : "failed"; // aborted: gone offline, or timed out
+      finish(outcome, outcome);
+      throw error;
+    }
+  }
+
+  /** Newest first, and only the last LOG_LENGTH. */
+  function addLogEntry(list, entry) {
+    list.prepend(entry);
+    while (list.children.length > LOG_LENGTH) list.lastElementChild.remove();
   }
 
   function showRejection(changes, reason) {
@@ -209,7 +240,13 @@ function button(label, onClick) {
   return node;
 }
 
-function newId(prefix) {
+/**
+ * An id that sorts in creation order, so a new todo stays below older ones
+ * live and after a reload: the creating client's time in ms, zero-padded to a
+ * fixed width, then random hex so that ids made in the same ms differ. "todo-"
+ * sorts after the seed rows' "t1" to "t3" ("o" comes after every digit), made first.
+ */
+function newTodoId() {
   const bytes = crypto.getRandomValues(new Uint8Array(6));
-  return `${prefix}-${Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("")}`;
+  return `todo-${String(Date.now()).padStart(15, "0")}-${Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("")}`;
 }

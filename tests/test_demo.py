@@ -5,6 +5,7 @@ Skipped when Chromium or Playwright is missing, unless
 LOCO_REQUIRE_TOOLS=1 (CI sets it, so a missing install fails).
 """
 
+import json
 import os
 import re
 from pathlib import Path
@@ -116,7 +117,7 @@ def test_the_demo_page_shows_a_todos_life_in_both_clients_and_replays_offline_ch
     expect(demo.todo(grace, "Bake bread")).to_be_visible()
     todo_id = demo.todo(grace, "Bake bread").get_attribute("data-id")
     insert = next(a for a in log_of(app, demo.tokens) if a["modelId"] == todo_id)
-    expect(grace.locator("tbody.actions tr").first).to_have_text(re.compile(rf"^{insert['syncId']}\s*insert\s*Todo\s*{todo_id}$"))
+    expect(grace.locator("ol.actions li").first.locator("summary")).to_have_text(re.compile(rf"^{insert['syncId']}\s*insert\s*Todo\s*{todo_id}$"))
 
     demo.todo(grace, "Bake bread").get_by_role("checkbox").check()
     expect(demo.todo(ada, "Bake bread").get_by_role("checkbox")).to_be_checked()
@@ -166,6 +167,107 @@ def test_the_demo_page_shows_a_todos_life_in_both_clients_and_replays_offline_ch
     assert page.page_errors == []
     # The refused rename is a 409, which Chromium logs as a failed resource; nothing else may be logged.
     assert page.console_lines == ["error: Failed to load resource: the server responded with a status of 409 (CONFLICT)"]
+
+
+def requests_of(panel) -> list[tuple[str, str, str, float | None]]:
+    """The panel's request log, newest first: method, path, status, and seconds taken (None while pending)."""
+    lines = panel.locator("ol.requests li").evaluate_all(
+        "lines => lines.map(line => ['.method', '.path', '.code', '.took'].map(part => line.querySelector(part).textContent))"
+    )
+    return [(method, path, status, seconds(took)) for method, path, status, took in lines]
+
+
+def seconds(took: str) -> float | None:
+    if not took:
+        return None
+    number, unit = re.fullmatch(r"([0-9.]+) (ms|s)", took).groups()
+    return float(number) / 1000 if unit == "ms" else float(number)
+
+
+def test_each_client_shows_its_requests_and_the_row_each_action_carries(app, demo):
+    from playwright.sync_api import expect
+
+    page, ada, grace = demo.page, demo.ada, demo.grace
+    for panel in (ada, grace):
+        expect(panel.get_by_role("status")).to_contain_text("Live")
+    head = log_of(app, demo.tokens)[-1]["syncId"]
+
+    # Grace's start, oldest last: bootstrap, handshake, then a long poll from the head, held.
+    poll = f"/sync?since={head}&wait=25"
+    held = grace.locator("ol.requests li").first
+    expect(held.locator(".path")).to_have_text(poll)
+    expect(held.locator(".code")).to_have_text("…")
+    _, handshake, bootstrap = requests_of(grace)
+    assert handshake[:3] == ("GET", "/sync", "200") and handshake[3] < 5
+    assert bootstrap[:3] == ("GET", "/bootstrap?type=eager&models=Group%2CAuthor%2CTodo", "200") and bootstrap[3] < 5
+
+    page.wait_for_timeout(1500)
+    demo.add(ada, "Bake bread")
+    expect(demo.todo(grace, "Bake bread")).to_be_visible()
+    todo_id = demo.todo(grace, "Bake bread").get_attribute("data-id")
+
+    # The poll Grace held answered when Ada's insert committed: after the 1.5 s we waited, well before its 25.
+    expect(grace.locator("ol.requests li").first.locator(".path")).to_have_text(f"/sync?since={head + 1}&wait=25")
+    answered = [line for line in requests_of(grace) if line[1] == poll]
+    assert len(answered) == 1 and answered[0][2] == "200" and 1.5 <= answered[0][3] < 10, answered
+    assert requests_of(grace)[0][2:] == ("…", None)  # the next poll, held
+    expect(ada.locator("ol.requests li", has_text="POST").locator(".code")).to_have_text("200")
+    mutations = [line for line in requests_of(ada) if line[0] == "POST"]
+    assert [line[1:3] for line in mutations] == [("/mutate", "200")] and mutations[0][3] < 5
+
+    # Opening the insert shows the row Ada wrote, as JSON with its types.
+    written = {"id": todo_id, "text": "Bake bread", "authorId": "a1", "groupId": "g1", "isDone": False, "likeCount": 0}
+    insert = grace.locator("ol.actions li.action").first
+    expect(insert.locator("summary")).to_have_text(re.compile(rf"^{head + 1}\s*insert\s*Todo\s*{todo_id}$"))
+    expect(insert.locator("pre")).to_be_hidden()
+    insert.locator("summary").click()
+    expect(insert.locator("pre")).to_be_visible()
+    assert json.loads(insert.locator("pre").text_content()) == written == log_of(app, demo.tokens)[-1]["data"]
+
+    # An update carries the whole row; a delete carries none, so it does not open.
+    demo.todo(grace, "Bake bread").get_by_role("checkbox").check()
+    update = ada.locator("ol.actions li.action").first
+    expect(update.locator("summary")).to_have_text(re.compile(rf"^{head + 2}\s*update\s*Todo\s*{todo_id}$"))
+    update.locator("summary").click()
+    expect(update.locator("pre")).to_be_visible()
+    assert json.loads(update.locator("pre").text_content()) == {**written, "isDone": True}
+    demo.todo(grace, "Bake bread").get_by_role("button", name="Delete").click()
+    delete = ada.locator("ol.actions li.action").first
+    expect(delete).to_have_text(re.compile(rf"^{head + 3}\s*delete\s*Todo\s*{todo_id}$"))
+    expect(delete.locator("details, pre")).to_have_count(0)
+
+    screenshot(page, "demo-wire.png")
+    assert page.page_errors == [] and page.console_lines == []
+
+
+def test_todos_keep_their_creation_order_live_and_after_a_reload(app, demo):
+    from playwright.sync_api import expect
+
+    page, ada, grace = demo.page, demo.ada, demo.grace
+    expect(grace.get_by_role("status")).to_contain_text("Live")
+    # Not alphabetical, and "Air the room" is written offline: created before "Wash up", it reaches the log after it.
+    demo.add(ada, "Mop the floor")
+    expect(demo.todo(grace, "Mop the floor")).to_be_visible()
+    grace.get_by_label("Offline", exact=True).check()
+    expect(grace.get_by_role("status")).to_contain_text("Offline")
+    demo.add(grace, "Air the room")
+    demo.add(ada, "Wash up")
+    expect(demo.todo(ada, "Wash up")).to_be_visible()
+    expect(ada.get_by_role("status")).to_contain_text("· 0 unconfirmed")  # committed before Grace reconnects
+    grace.get_by_label("Offline", exact=True).uncheck()
+    expect(demo.todo(ada, "Air the room")).to_be_visible()
+    expect(demo.todo(grace, "Wash up")).to_be_visible()
+    inserted = [a["data"]["text"] for a in log_of(app, demo.tokens) if a["modelName"] == "Todo" and a["action"] == "insert"]
+    assert inserted[-3:] == ["Mop the floor", "Wash up", "Air the room"]
+
+    kitchen = ["Buy coffee", "Descale the kettle", "Mop the floor", "Air the room", "Wash up"]
+    for panel in (ada, grace):
+        expect(panel.locator(".group", has_text="Kitchen").locator("li.todo .text")).to_have_text(kitchen)
+    page.reload()
+    for panel in (ada, grace):
+        expect(panel.get_by_role("status")).to_contain_text("Live")
+        expect(panel.locator(".group", has_text="Kitchen").locator("li.todo .text")).to_have_text(kitchen)
+    assert page.page_errors == [] and page.console_lines == []
 
 
 def test_the_demo_asks_for_two_tokens_and_says_plainly_when_one_is_refused(app, base_url, browser_page):
