@@ -96,6 +96,18 @@ class SyncedModel:
         return readers[type_codes]
 
     @functools.cached_property
+    def sql(self) -> RowSql:
+        """The statements that read and write one row by id, columns in `columns` order;
+        an insert or update returns the row as stored."""
+        table, listed = self.table.__tablename__, ", ".join(self.columns)
+        return RowSql(
+            select=f"SELECT {listed} FROM {table} WHERE id = ?",
+            insert=f"INSERT INTO {table} ({listed}) VALUES ({', '.join('?' * len(self.columns))}) RETURNING {listed}",
+            update=f"UPDATE {table} SET {', '.join(f'{column} = ?' for column in self.columns[1:])} WHERE id = ? RETURNING {listed}",
+            delete=f"DELETE FROM {table} WHERE id = ?",
+        )
+
+    @functools.cached_property
     def table_columns(self) -> list[Column]:
         return [self.table.__table__.columns[name] for name in self.columns]
 
@@ -117,6 +129,13 @@ class SyncedModel:
             for column in self.table.__table__.columns
             for fk in column.foreign_keys
         ]
+
+
+class RowSql(NamedTuple):
+    select: str
+    insert: str
+    update: str
+    delete: str
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from flask.testing import FlaskClient
 from jsonschema.exceptions import best_match
 from openapi_schema_validator import OAS30Validator, oas30_format_checker
 
-from app import openapi_document
+from machinery.openapi import openapi_document
 
 # Names the file a server in a process of its own appends one line to per
 # response: "ok" or the violation, as JSON text.

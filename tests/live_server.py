@@ -21,7 +21,8 @@ from werkzeug.serving import make_server
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import contract  # noqa: E402
-from app import create_app, seed_demo  # noqa: E402
+from app import create_app  # noqa: E402
+from machinery.cli import seed_demo  # noqa: E402
 from helpers import fresh_database  # noqa: E402
 from models import db  # noqa: E402
 

@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-import app as app_module
+import machinery.writer as writer
 
 from app import create_app
 from helpers import assert_error, database_path, group, mutate, sign_in, snapshot, todo, wire
@@ -158,7 +158,7 @@ def test_a_busy_database_is_retried_with_backoff_before_giving_up(database_url, 
     )
     client = sign_in(app)
     waits = []
-    sleep = app_module.time.sleep
+    sleep = writer.time.sleep
     this_thread = threading.current_thread()
 
     def recorded_sleep(seconds):
@@ -166,7 +166,7 @@ def test_a_busy_database_is_retried_with_backoff_before_giving_up(database_url, 
             waits.append(seconds)
         sleep(seconds)
 
-    monkeypatch.setattr(app_module.time, "sleep", recorded_sleep)
+    monkeypatch.setattr(writer.time, "sleep", recorded_sleep)
     other_writer = sqlite3.connect(database_path(app), isolation_level=None, check_same_thread=False)
     other_writer.execute("BEGIN IMMEDIATE")
     release = threading.Timer(0.3, other_writer.rollback)

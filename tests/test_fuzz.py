@@ -34,7 +34,7 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from app import openapi_document
+from machinery.openapi import openapi_document
 from helpers import create, group, read_log, snapshot, todo, update, wire
 
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", 300))

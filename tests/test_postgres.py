@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 import app as app_module
+import machinery.writer as writer
 from app import apply_transaction, create_app, flavour, load, MutateSchema, read_page, speaking_sql
 from helpers import assert_error, create, fresh_database, group, mutate, shut_down, sign_in, todo, update, wire
 from models import db
@@ -136,7 +137,7 @@ def test_serialization_failures_that_persist_are_503_and_write_nothing(pg_app, m
         raise psycopg.errors.SerializationFailure("could not serialize access")
 
     monkeypatch.setattr(app_module, "apply_transaction", always_conflicting)
-    monkeypatch.setattr(app_module.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(writer.time, "sleep", lambda seconds: None)
     response = ada.post("/mutate", json={"changes": [todo("t9", "g1")]})
 
     error = assert_error(response, 503, "database_busy", type="network")

@@ -1,0 +1,155 @@
+"""The flask commands: init-db, seed, create-user, add-member, remove-member.
+
+A sync server needs users, tokens and memberships before any client can
+call it; these commands make them, and write through app.py's own write path
+(in_write_transaction, apply_transaction), so that seeded rows get sync
+actions exactly as a mutation's do. Registered by create_app.
+Proved by tests/test_cli.py and the README's commands (tests/test_readme.py).
+"""
+
+from __future__ import annotations
+
+import click
+from flask.cli import with_appcontext
+
+from app import MutateSchema, apply_transaction, in_write_transaction, join, leave, load, new_user, read_head
+from machinery.database import DbConnection, create_schema, schema_statements, start_log_after
+from models import SYNCED_MODELS, db
+
+
+@click.command("init-db")
+@with_appcontext
+def init_db_command():
+    """Drop every table and create them empty."""
+
+    def reset(db_connection):
+        old_head = read_head(db_connection)
+        for statement in schema_statements(drop=True):
+            db_connection.execute(statement)
+        create_schema(db_connection)
+        if old_head:
+            # Start the new log above the old one, so /sync can tell a client
+            # that still holds a cursor of the wiped database to bootstrap again.
+            log_start = old_head + 1
+            db_connection.execute("INSERT INTO sync_log_start (after_sync_id) VALUES (?)", (log_start,))
+            start_log_after(db_connection, log_start)
+
+    in_write_transaction(reset)
+    click.echo(f"Initialized an empty database at {db.engine.url.database}")
+
+
+SEED_CHANGES = [
+    {"action": "create", "modelName": "Group", "modelId": "g1", "data": {"id": "g1", "name": "Kitchen"}},
+    {"action": "create", "modelName": "Group", "modelId": "g2", "data": {"id": "g2", "name": "Garden"}},
+    {"action": "create", "modelName": "Author", "modelId": "a1", "data": {"id": "a1", "name": "Ada"}},
+    {"action": "create", "modelName": "Author", "modelId": "a2", "data": {"id": "a2", "name": "Grace"}},
+    *(
+        {
+            "action": "create",
+            "modelName": "Todo",
+            "modelId": todo_id,
+            "data": {"id": todo_id, "text": text, "authorId": author, "groupId": group, "isDone": False, "likeCount": 0},
+        }
+        for todo_id, text, author, group in [
+            ("t1", "Buy coffee", "a1", "g1"),
+            ("t2", "Descale the kettle", "a2", "g1"),
+            ("t3", "Water the tomatoes", "a1", "g2"),
+        ]
+    ),
+]
+
+
+def seed_demo() -> tuple[dict[str, str], int]:
+    """Create the demo users Ada and Grace and the demo rows; return their tokens."""
+    changes = load(MutateSchema(), {"changes": SEED_CHANGES})["changes"]
+
+    def seed(db_connection):
+        if db_connection.execute("SELECT 1 FROM users LIMIT 1").fetchone():
+            raise click.ClickException("The database already has users; run `flask --app app init-db` to start over.")
+        (ada, ada_token), (grace, grace_token) = new_user(db_connection, "Ada"), new_user(db_connection, "Grace")
+        last_sync_id = apply_transaction(db_connection, changes, ada, None, "")  # Ada creates g1 and g2, so joins both
+        join(db_connection, grace, "group:g1")
+        return {"Ada": ada_token, "Grace": grace_token}, last_sync_id
+
+    return in_write_transaction(seed)
+
+
+@click.command("seed")
+@click.option("--url", default="http://127.0.0.1:5000", show_default=True, help="Where the server runs, for the demo link.")
+@with_appcontext
+def seed_command(url: str):
+    """Load demo users and rows, the rows through the same path as /mutate."""
+    tokens, last_sync_id = seed_demo()
+    click.echo(f"Seeded {len(SEED_CHANGES)} rows; lastSyncId is {last_sync_id}.")
+    click.echo("Demo users (send the token as Authorization: Bearer <token>):")
+    click.echo(f"  Ada    all, group:g1, group:g2   {tokens['Ada']}")
+    click.echo(f"  Grace  all, group:g1             {tokens['Grace']}")
+    # The tokens ride in the fragment, which the browser never sends to a server.
+    click.echo(f"Live demo, signed in as both: {url.rstrip('/')}/{demo_fragment(tokens)}")
+
+
+def demo_fragment(tokens: dict[str, str]) -> str:
+    return "#" + "&".join(f"{name}={token}" for name, token in tokens.items())
+
+
+@click.command("create-user")
+@click.argument("name")
+@click.option("--group", "group_ids", multiple=True, help="Id of a Group to join; may be repeated.")
+@with_appcontext
+def create_user_command(name: str, group_ids: tuple[str, ...]):
+    """Add a user and print its token (shown only now)."""
+
+    def create(db_connection):
+        require_groups(db_connection, group_ids)
+        user_id, token = new_user(db_connection, name)
+        for group_id in group_ids:
+            join(db_connection, user_id, f"group:{group_id}")
+        return user_id, token
+
+    user_id, token = in_write_transaction(create)
+    click.echo(f"User {user_id} ({name}) token: {token}")
+
+
+@click.command("add-member")
+@click.argument("user_id", type=int)
+@click.argument("group_id")
+@with_appcontext
+def add_member_command(user_id: int, group_id: str):
+    """Give a user the sync group of a Group; it takes effect on the user's next request."""
+
+    def add(db_connection):
+        require_user(db_connection, user_id)
+        require_groups(db_connection, [group_id])
+        join(db_connection, user_id, f"group:{group_id}")
+
+    in_write_transaction(add)
+    click.echo(f"User {user_id} is a member of group:{group_id}.")
+
+
+@click.command("remove-member")
+@click.argument("user_id", type=int)
+@click.argument("group_id")
+@with_appcontext
+def remove_member_command(user_id: int, group_id: str):
+    """Take a Group's sync group from a user; its next request no longer sees that group."""
+
+    def remove(db_connection):
+        require_user(db_connection, user_id)
+        leave(db_connection, user_id, f"group:{group_id}")
+
+    in_write_transaction(remove)
+    click.echo(f"User {user_id} is not a member of group:{group_id}.")
+
+
+def require_user(db_connection: DbConnection, user_id: int) -> None:
+    if db_connection.execute("SELECT 1 FROM users WHERE id = ?", (user_id,)).fetchone() is None:
+        raise click.ClickException(f"There is no user {user_id}.")
+
+
+def require_groups(db_connection: DbConnection, group_ids) -> None:
+    for group_id in group_ids:
+        if db_connection.execute(SYNCED_MODELS["Group"].sql.select, (group_id,)).fetchone() is None:
+            raise click.ClickException(f"There is no Group {group_id!r}.")
+
+
+COMMANDS = (init_db_command, seed_command, create_user_command, add_member_command, remove_member_command)

@@ -1,0 +1,147 @@
+"""Connections, the two engines' settings, and the schema.
+
+app.py speaks plain SQL with `?` placeholders to the driver's own connection
+(sqlite3's, or psycopg's through machinery/postgres.py): its statements stay
+in plain sight, and SQLAlchemy's ORM layer cost more than the SQL. This
+module gets those connections from SQLAlchemy's pool, sets each engine up so
+that transactions begin only where app.py says BEGIN, and creates the tables
+of models.py, safely when several server processes start at once.
+Proved by tests/test_sqlite.py, tests/test_postgres.py and tests/test_cli.py.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from flask import current_app, g
+from sqlalchemy import event, inspect
+from sqlalchemy.engine import Dialect, Engine
+from sqlalchemy.schema import CreateIndex, CreateTable, DropTable
+
+from machinery import postgres
+from models import db
+
+DbConnection = Any  # sqlite3's connection, or postgres.PostgresConnection: both take the same SQL
+
+
+@dataclass(frozen=True)
+class Flavour:
+    """What one kind of database needs said its own way."""
+
+    name: str  # "sqlite" or "postgresql"
+    dialect: Dialect  # SQLAlchemy's, whose column types convert values to and from the driver's
+    begin_read: str  # one snapshot for every statement until COMMIT
+    begin_write: str  # serializable, and on SQLite the write lock at once
+
+    @property
+    def postgres(self) -> bool:
+        return self.name == "postgresql"
+
+
+def flavour() -> Flavour:
+    return current_app.extensions["flavour"]
+
+
+def configure_database(engine: Engine, config: dict[str, Any]) -> Flavour:
+    @event.listens_for(engine, "connect")
+    def on_connect(dbapi_connection, _record):
+        # Neither driver should begin transactions on its own: sqlite3 does not
+        # emit BEGIN before a SELECT, so two SELECTs of one "transaction" could
+        # read two different snapshots. Take BEGIN away from the driver and
+        # emit it ourselves.
+        if engine.dialect.name == "postgresql":
+            dbapi_connection.autocommit = True
+            return
+        dbapi_connection.isolation_level = None
+        dbapi_connection.execute("PRAGMA journal_mode = WAL")  # readers never block the writer
+        dbapi_connection.execute("PRAGMA synchronous = FULL")  # a 200 from /mutate is on disk
+        dbapi_connection.execute("PRAGMA foreign_keys = ON")
+        dbapi_connection.execute(f"PRAGMA busy_timeout = {int(config['SQLITE_BUSY_TIMEOUT_MS'])}")
+
+    if engine.dialect.name == "postgresql":
+        return Flavour("postgresql", engine.dialect, postgres.BEGIN_READ, postgres.BEGIN_WRITE)
+    if engine.dialect.name == "sqlite":
+        return Flavour("sqlite", engine.dialect, "BEGIN DEFERRED", "BEGIN IMMEDIATE")
+    raise RuntimeError(f"DATABASE_URL names a {engine.dialect.name} database; this app runs on SQLite or PostgreSQL.")
+
+
+def connection() -> DbConnection:
+    """This request's (or CLI command's) database connection, from the pool; returned at teardown."""
+    if "connection" not in g:
+        g.connection = speaking_sql(db.engine.raw_connection())
+    return g.connection
+
+
+def speaking_sql(pooled) -> DbConnection:
+    """A pooled connection, as the app's SQL is sent to it."""
+    return postgres.PostgresConnection(pooled) if flavour().postgres else pooled
+
+
+def return_connection(_error=None) -> None:
+    pooled = g.pop("connection", None)
+    if pooled is not None:
+        pooled.close()  # back to the pool, which rolls back anything left open
+
+
+@contextmanager
+def read_transaction() -> Iterator[DbConnection]:
+    """One snapshot for every statement inside, ended before the answer is sent
+    (a held poll must not pin the WAL)."""
+    db_connection = connection()
+    db_connection.execute(flavour().begin_read)
+    try:
+        yield db_connection
+    finally:
+        db_connection.execute("COMMIT")
+
+
+def is_retryable(error: BaseException) -> bool:
+    """The database could not run the transaction now, but may on a retry."""
+    if isinstance(error, sqlite3.OperationalError):
+        return getattr(error, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return getattr(error, "sqlstate", None) in ("40001", "40P01")  # serialization failure, deadlock
+
+
+def schema_statements(drop: bool = False) -> list[str]:
+    """The DDL of models.py, idempotent, so processes starting together cannot collide."""
+    tables = db.metadata.sorted_tables
+    if drop:
+        return [str(DropTable(table, if_exists=True).compile(db.engine)) for table in reversed(tables)]
+    statements = [str(CreateTable(table, if_not_exists=True).compile(db.engine)) for table in tables]
+    statements += [str(CreateIndex(index, if_not_exists=True).compile(db.engine)) for table in tables for index in table.indexes]
+    return statements
+
+
+def schema_is_complete(engine: Engine) -> bool:
+    """Whether every table and index of models.py exists, read from the catalog.
+
+    A server starting on an existing database runs no DDL: on PostgreSQL even
+    CREATE INDEX IF NOT EXISTS locks its table against writes, so a server
+    starting beside busy ones deadlocked with their writers, and every
+    mutation stalled for PostgreSQL's deadlock_timeout (1 s)."""
+    catalog = inspect(engine)
+    for table in db.metadata.sorted_tables:
+        if not catalog.has_table(table.name):
+            return False
+        if {index.name for index in table.indexes} - {index["name"] for index in catalog.get_indexes(table.name)}:
+            return False
+    return True
+
+
+def create_schema(db_connection: DbConnection) -> None:
+    if flavour().postgres:
+        postgres.lock_schema(db_connection)  # CREATE TABLE IF NOT EXISTS can still collide with a concurrent one there
+    for statement in schema_statements():
+        db_connection.execute(statement)
+
+
+def start_log_after(db_connection: DbConnection, sync_id: int) -> None:
+    """The next syncId handed out is sync_id + 1."""
+    if flavour().postgres:
+        postgres.start_log_after(db_connection, sync_id)
+    else:
+        db_connection.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('sync_action', ?)", (sync_id,))

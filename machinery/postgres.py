@@ -1,0 +1,99 @@
+"""What PostgreSQL needs said its own way; chosen when DATABASE_URL names it.
+
+SQLite is one file with one writer at a time, so its write lock orders the
+log and its PRAGMAs tell other processes of a commit. PostgreSQL runs writers
+side by side, on several app servers: this module gives app.py's `?` SQL to
+psycopg, takes the log's advisory lock (so commits land in syncId order),
+notifies listeners at COMMIT, and holds GET /sync's statement in PostgreSQL's
+dialect. psycopg itself is imported by SQLAlchemy, only for a PostgreSQL URL.
+Proved by tests/test_postgres.py and by every test run with TEST_DATABASE_URL.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+BEGIN_READ = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+BEGIN_WRITE = "BEGIN ISOLATION LEVEL SERIALIZABLE"
+LOG_LOCK = 0x10C0_5E9C  # the advisory lock key of the log's tail
+SCHEMA_LOCK = LOG_LOCK + 1
+
+
+class PostgresConnection:
+    """psycopg's connection, taking SQL written with sqlite3's `?` placeholders."""
+
+    def __init__(self, pooled):
+        self.pooled, self.driver = pooled, pooled.driver_connection
+
+    def execute(self, sql: str, params: Any = ()):
+        return self.driver.execute(pyformat(sql) if isinstance(params, tuple | list) else sql, params)
+
+    def executemany(self, sql: str, rows: list) -> None:
+        with self.driver.cursor() as cursor:
+            cursor.executemany(pyformat(sql), rows)
+
+    def stream(self, sql: str, params: list):
+        """A server-side cursor, which fetches rows as they are read (sqlite3's cursors always do)."""
+        cursor = self.driver.cursor(name="stream")
+        cursor.execute(pyformat(sql), params)
+        return cursor
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.driver.info.transaction_status.name != "IDLE"
+
+    def close(self) -> None:
+        self.pooled.close()
+
+
+@functools.lru_cache(maxsize=512)
+def pyformat(sql: str) -> str:
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+def lock_log(db_connection) -> None:
+    """Until this transaction ends: see app.py's lock_log for why."""
+    db_connection.execute("SELECT pg_advisory_xact_lock(?)", (LOG_LOCK,))
+
+
+def lock_schema(db_connection) -> None:
+    db_connection.execute("SELECT pg_advisory_xact_lock(?)", (SCHEMA_LOCK,))
+
+
+def notify_log(db_connection, sync_id: int) -> None:
+    """Delivered at COMMIT to every listener of the database, so it names its schema: see long_poll.py."""
+    db_connection.execute("SELECT pg_notify('sync_log', current_schema() || ' ' || ?)", (str(sync_id),))
+
+
+def start_log_after(db_connection, sync_id: int) -> None:
+    db_connection.execute("SELECT setval(pg_get_serial_sequence('sync_action', 'id'), ?)", (sync_id,))
+
+
+# app.py's PAGE_SQLITE, said in PostgreSQL's dialect; a single statement reads one snapshot here too.
+PAGE = """
+WITH log AS (
+    SELECT log_start, coalesce((SELECT max(id) FROM sync_action), log_start) AS head
+    FROM (SELECT coalesce((SELECT after_sync_id FROM sync_log_start), 0) AS log_start) AS start
+),
+caller_groups(sync_group) AS (
+    SELECT 'all' UNION ALL SELECT sync_group FROM memberships WHERE user_id = %(user_id)s
+),
+page AS (
+    SELECT least(%(until)s, head) AS cursor FROM log
+)
+SELECT log_start, head, cursor,
+    (SELECT array_to_json(array_agg(sync_group ORDER BY sync_group <> 'all', sync_group))::text FROM caller_groups),
+    -- Written out, not json_build_object, whose text has spaces around every colon.
+    (SELECT coalesce(string_agg(
+        '{"syncId":' || id || ',"action":' || to_json(action) || ',"modelName":' || to_json(model_name)
+            || ',"modelId":' || to_json(model_id) || coalesce(',"data":' || nullif(data, 'null'), '') || '}',
+        ',' ORDER BY id), '')
+     FROM sync_action
+     WHERE id IN (
+         SELECT sync_action_id FROM sync_action_group
+         WHERE sync_group IN (SELECT sync_group FROM caller_groups)
+           AND sync_action_id > %(since)s AND sync_action_id <= (SELECT cursor FROM page)
+     ))
+FROM log, page
+"""

@@ -1,0 +1,166 @@
+"""Group commit: many requests' write transactions share one COMMIT and its fsync.
+
+In essence app.py's in_write_transaction is BEGIN IMMEDIATE; work; COMMIT.
+Run that way, each mutation waits for its own fsync while every other writer
+queues behind it. Here the writes that arrive while a transaction commits
+wait their turn together, then share the next transaction, each inside a
+savepoint of its own: a write that is refused or fails is rolled back alone,
+and each one still sees the writes committed before it, as if it ran alone.
+Across processes, SQLite's writers queue on a file lock (WriteLock). A
+transaction the database could not run now (SQLite busy; on PostgreSQL a
+serialization failure or a deadlock) is retried whole, with backoff, then
+refused with 503 type network, so the client retries it later.
+Proved by tests/test_concurrency.py, tests/test_crash.py, tests/test_errors.py
+(busy) and tests/test_postgres.py (serialization failures).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from machinery.database import DbConnection, connection, flavour, is_retryable
+from machinery.errors import ApiError
+
+try:
+    import fcntl
+except ImportError:  # Windows: see WriteLock
+    fcntl = None
+
+T = TypeVar("T")
+
+
+class Writer:
+    """Commits the writes of this process, one transaction at a time.
+
+    Whichever waiting thread gets the turn first commits the whole batch; the
+    others wait on a condition, not on a lock, so each one returns the moment
+    its transaction has committed.
+    """
+
+    def __init__(self, sqlite_file: str | None, config: dict[str, Any], postgres: bool):
+        self.lock = WriteLock(sqlite_file)
+        # On SQLite only writers outside this server (the CLI) make it busy; on PostgreSQL
+        # conflicting transactions retry at once, and jitter keeps them from colliding again.
+        prefix = "SERIALIZATION" if postgres else "BUSY"
+        self.retries, self.backoff_s, self.jitter = config[f"{prefix}_RETRIES"], config[f"{prefix}_BACKOFF_S"], postgres
+        self.changed = threading.Condition()
+        self.committing = False  # some thread is committing a transaction of this process
+        self.queued: list[Write] = []
+
+    def run(self, work: Callable[[DbConnection], T]) -> T:
+        write = Write(work)
+        with self.changed:
+            self.queued.append(write)
+            while self.committing and not write.done:
+                self.changed.wait()
+            if write.done:  # another thread committed it
+                return write.outcome()
+            self.committing = True
+            batch, self.queued = self.queued, []
+        try:
+            self.commit(batch, connection())
+        finally:
+            with self.changed:
+                for waiting in batch:  # never leave a thread without an answer
+                    if not waiting.done:
+                        waiting.fail(RuntimeError("the write transaction was interrupted"))
+                self.committing = False
+                self.changed.notify_all()
+        return write.outcome()
+
+    def commit(self, batch: list[Write], db_connection: DbConnection) -> None:
+        for attempt in range(self.retries + 1):
+            try:
+                with self.lock:
+                    db_connection.execute(flavour().begin_write)  # on SQLite the write lock is taken now, not at the first write
+                    try:
+                        for write in batch:
+                            write.apply(db_connection)
+                        db_connection.execute("COMMIT")
+                    finally:
+                        if db_connection.in_transaction:
+                            db_connection.execute("ROLLBACK")
+                for write in batch:
+                    write.done = True
+                return
+            except Exception as error:
+                if not is_retryable(error):
+                    for write in batch:
+                        write.fail(error)
+                    return
+            if attempt < self.retries:
+                time.sleep(self.backoff_s * 2**attempt * (random.uniform(0.5, 1.5) if self.jitter else 1))
+        for write in batch:
+            write.fail(
+                ApiError(
+                    503,
+                    "database_busy",
+                    "The database stayed busy with other writers (locked, or in conflict with them); nothing was written. Retry shortly.",
+                    type="network",
+                    headers={"Retry-After": "1"},
+                )
+            )
+
+
+class Write:
+    """One caller's work in a shared write transaction, and what came of it."""
+
+    def __init__(self, work: Callable[[DbConnection], Any]):
+        self.work, self.done = work, False
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def apply(self, db_connection: DbConnection) -> None:
+        db_connection.execute("SAVEPOINT write")
+        try:
+            self.result, self.error = self.work(db_connection), None
+        except Exception as error:
+            if is_retryable(error):
+                raise  # the whole transaction is retried
+            db_connection.execute("ROLLBACK TO SAVEPOINT write")  # undo this write, and only it
+            self.result, self.error = None, error
+        db_connection.execute("RELEASE SAVEPOINT write")
+
+    def fail(self, error: BaseException) -> None:
+        self.result, self.error, self.done = None, error, True
+
+    def outcome(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class WriteLock:
+    """One writer at a time, across the processes of this server, on SQLite.
+
+    SQLite lets only one transaction write; a second one waits in SQLite's
+    busy handler, which sleeps up to 100 ms between tries, so writers of two
+    processes spent most of their time asleep. Queueing on a file lock
+    instead hands the turn over the moment it is free. Where there is no
+    fcntl (Windows) there is no such lock: writers of several processes then
+    queue in SQLite's busy handler, which is as correct, only slower. (The
+    busy timeout also covers writers that do not take this lock, like the
+    CLI.) PostgreSQL needs no such lock: its writers run side by side, and
+    only the step that appends to the log takes turns (app.py's lock_log).
+    """
+
+    def __init__(self, database: str | None):
+        # None: in memory, or not SQLite, or no fcntl.
+        self.path = f"{database}-writer.lock" if database and fcntl is not None else None
+        self.file, self.pid = -1, 0
+
+    def __enter__(self) -> None:
+        if self.path is None:
+            return
+        if self.pid != os.getpid():  # opened after a fork, so that processes do not share it
+            self.file, self.pid = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600), os.getpid()
+        fcntl.flock(self.file, fcntl.LOCK_EX)
+
+    def __exit__(self, *_) -> None:
+        if self.path is not None:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
