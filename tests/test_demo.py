@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from app import demo_fragment, seed_demo
+from machinery.cli import demo_fragment, seed_demo
 from helpers import read_log
 
 CHROMIUM = "/usr/bin/chromium"
@@ -26,7 +26,7 @@ def browser_or_skip():
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        missing.append("Playwright for Python (pip install -r requirements.txt)")
+        missing.append("Playwright for Python (pip install -r requirements-dev.txt)")
         sync_playwright = None
     if not os.path.exists(CHROMIUM):
         missing.append(f"Chromium at {CHROMIUM} (apt-get install chromium)")
