@@ -1,3 +1,4 @@
+import os
 import threading
 
 import pytest
@@ -5,7 +6,10 @@ from werkzeug.serving import make_server
 
 import contract
 from app import create_app
-from helpers import ENGINES, create, fresh_database, group, mutate, shut_down, sign_in, todo
+from helpers import ENGINES, POSTGRESQL_EXAMPLE, create, fresh_database, group, mutate, shut_down, sign_in, todo
+
+
+NO_POSTGRESQL = f"the PostgreSQL half of the tests needs TEST_DATABASE_URL, e.g. {POSTGRESQL_EXAMPLE}"
 
 
 def pytest_configure(config):
@@ -34,6 +38,8 @@ def pytest_runtest_makereport(item, call):
     report = yield
     if report.when == "call":
         item.contract_call_failed = report.failed
+    if report.skipped and isinstance(report.longrepr, tuple) and report.longrepr[2].startswith(f"Skipped: {NO_POSTGRESQL}"):
+        report.longrepr = (__file__, None, report.longrepr[2])  # one line for the whole half in -rs, not one per test
     return report
 
 
@@ -68,6 +74,8 @@ def pytest_terminal_summary(terminalreporter):
 def engine(request) -> str:
     """Every test that touches a database runs on each engine: sqlite, and
     postgresql when TEST_DATABASE_URL is set."""
+    if request.param == "postgresql" and not os.environ.get("TEST_DATABASE_URL"):
+        pytest.skip(NO_POSTGRESQL)
     sqlite_only = request.node.get_closest_marker("sqlite_only")
     if sqlite_only and request.param != "sqlite":
         pytest.skip(f"SQLite only: {sqlite_only.args[0]}")

@@ -24,16 +24,7 @@ from models import SYNCED_MODELS, db
 # --- The database under test: SQLite always, PostgreSQL when TEST_DATABASE_URL is set ---
 
 POSTGRESQL_EXAMPLE = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-ENGINES = [
-    pytest.param("sqlite", id="sqlite"),
-    pytest.param(
-        "postgresql",
-        id="postgresql",
-        marks=pytest.mark.skipif(
-            not os.environ.get("TEST_DATABASE_URL"), reason=f"PostgreSQL tests need TEST_DATABASE_URL, e.g. {POSTGRESQL_EXAMPLE}"
-        ),
-    ),
-]
+ENGINES = ["sqlite", "postgresql"]  # conftest's engine fixture skips postgresql without TEST_DATABASE_URL
 
 
 def postgresql_url() -> URL:
