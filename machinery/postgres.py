@@ -5,7 +5,8 @@ log and its PRAGMAs tell other processes of a commit. PostgreSQL runs writers
 side by side, on several app servers: this module gives app.py's `?` SQL to
 psycopg, takes the log's advisory lock (so commits land in syncId order),
 notifies listeners at COMMIT, and holds GET /sync's statement in PostgreSQL's
-dialect. psycopg itself is imported by SQLAlchemy, only for a PostgreSQL URL.
+dialect. psycopg itself is imported by SQLAlchemy, only for a PostgreSQL URL
+(tests/test_portability.py).
 Proved by tests/test_postgres.py and by every test run with TEST_DATABASE_URL.
 """
 

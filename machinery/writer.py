@@ -11,7 +11,8 @@ transaction the database could not run now (SQLite busy; on PostgreSQL a
 serialization failure or a deadlock) is retried whole, with backoff, then
 refused with 503 type network, so the client retries it later.
 Proved by tests/test_concurrency.py, tests/test_crash.py, tests/test_errors.py
-(busy) and tests/test_postgres.py (serialization failures).
+(busy), tests/test_postgres.py (serialization failures) and
+tests/test_portability.py (without fcntl).
 """
 
 from __future__ import annotations
