@@ -1,40 +1,35 @@
-"""What the README shows is what the server does: its seed output and its curl
-walkthrough, run as a reader would (`flask --app app seed`, `flask run`, the
-very curl commands in one bash), every answer compared with the README's as
-JSON text, every value in its type."""
+"""What the README shows is what happens: every command of its console blocks (the seed, the
+curl walkthrough, the CLI), run in order in one bash against `flask run` on a new database
+as a reader types them, prints exactly the text the README shows under it (tokens and the
+database's path masked: they differ on every machine). Its client is examples/client.py,
+whole, and its links lead somewhere."""
 
-import json
 import os
+import queue
 import re
+import secrets
 import shlex
 import shutil
 import subprocess
-import sys
-import time
+import threading
 from pathlib import Path
 
 import pytest
 
-from helpers import wire
+from readers import ROOT, TOKEN, environment, flask_run
 
-ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
-TOKEN = re.compile(r"(?<![\w.-])[1-9][0-9]*\.[A-Za-z0-9_-]{43}(?![\w-])")
-
-
-def section(title: str) -> str:
-    start = README.index(f"\n## {title}\n")
-    end = README.find("\n## ", start + 1)
-    return README[start:end]
+DATABASE_PATH = re.compile(r"(?<=^Initialized an empty database at ).*$", re.MULTILINE)
 
 
 def console_blocks(text: str) -> list[str]:
-    return re.findall(r"```console\n(.*?)```", text, re.DOTALL)
+    return re.findall(r"^```console\n(.*?)^```", text, re.DOTALL | re.MULTILINE)
 
 
-def commands_and_answers(block: str) -> list[tuple[str, str]]:
+def commands_and_outputs(block: str) -> list[tuple[str, str]]:
     """(command, the output the README shows for it): a command runs on from its `$ ` line
-    while a quote is open; its output is what follows, up to the next command or blank line."""
+    while a quote is open; its output is every line up to the next command. Blank lines
+    only space the commands out (no output shown has one)."""
     found: list[tuple[str, list[str]]] = []
     lines = iter(block.splitlines())
     for line in lines:
@@ -43,9 +38,10 @@ def commands_and_answers(block: str) -> list[tuple[str, str]]:
             while not complete(command):
                 command += "\n" + next(lines)
             found.append((command, []))
-        elif line.strip() and found:
+        elif line:
+            assert found, f"output before any command: {line!r}"
             found[-1][1].append(line)
-    return [(command, "\n".join(output)) for command, output in found]
+    return [(command, "".join(f"{line}\n" for line in output)) for command, output in found]
 
 
 def complete(command: str) -> bool:
@@ -56,66 +52,96 @@ def complete(command: str) -> bool:
     return True
 
 
-@pytest.fixture
-def readers_server(database_url, tmp_path):
-    """`flask --app app seed`, then `flask run` on a new database, as the README says; the server
-    is the README's app with the tests' check of every response (tests/contract.py)."""
-    environment = {**os.environ, "DATABASE_URL": database_url}
-    seeded = subprocess.run(
-        [sys.executable, "-m", "flask", "--app", "app", "seed"], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=60
-    )
-    assert seeded.returncode == 0, seeded.stderr
-    log = tmp_path / "flask-run.log"
-    with open(log, "w") as output:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "flask", "--app", "contract:checked_app()", "run", "--port", "0"],
-            cwd=ROOT,
-            env={**environment, "PYTHONPATH": str(ROOT / "tests")},
-            stdout=output,
-            stderr=subprocess.STDOUT,
+def masked(text: str) -> str:
+    return DATABASE_PATH.sub("<database>", TOKEN.sub("<token>", text))
+
+
+class Shell:
+    """One bash, as the reader's terminal: variables and background jobs last from one command to the next."""
+
+    def __init__(self, directory: Path, env: dict[str, str]):
+        self.process = subprocess.Popen(
+            ["bash", "--noprofile", "--norc"], cwd=directory, env=env, text=True,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )
-    try:
-        deadline = time.monotonic() + 30
-        while not (listening := re.search(r"Running on http://(127\.0\.0\.1:\d+)", log.read_text())):
-            assert server.poll() is None and time.monotonic() < deadline, f"flask run did not start:\n{log.read_text()}"
-            time.sleep(0.05)
-        yield seeded.stdout, listening[1], tmp_path
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self.read, daemon=True).start()
+
+    def read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def run(self, command: str, timeout: float = 60) -> tuple[str, int]:
+        """What the command printed (stdout and stderr, as a terminal shows them), and its exit status."""
+        marker = f"@@{secrets.token_hex(8)}"
+        # The marker starts a line of its own even after output without a final newline, which then shows.
+        self.process.stdin.write(f"{command}\nprintf '\\n{marker} %s\\n' $?\n")
+        self.process.stdin.flush()
+        printed = ""
+        while (line := self.lines.get(timeout=timeout)) is not None:
+            if line.startswith(marker):
+                return printed.removesuffix("\n"), int(line.split()[1])
+            printed += line
+        raise AssertionError(f"bash ended during {command!r}; it printed {printed!r}")
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=10)
 
 
-def test_seed_prints_what_the_quick_start_shows(readers_server):
-    printed, address, _ = readers_server
-    [block] = [b for b in console_blocks(section("Quick start")) if b.startswith("$ flask --app app seed")]
-    [(_, shown)] = commands_and_answers(block)
-    assert TOKEN.sub("<token>", printed.strip()) == TOKEN.sub("<token>", shown.strip())
+def test_the_quick_start_is_two_commands():
+    [block] = re.findall(r"## Quick start\n.*?```sh\n(.*?)```", README, re.DOTALL)
+    commands = [line.split("  #")[0].strip() for line in block.splitlines()]
+    assert commands == ["pip install -r requirements.txt && flask --app app run", "pip install -r requirements-dev.txt && python -m pytest"]
+    assert "TEST_DATABASE_URL=postgresql+psycopg://postgres@127.0.0.1:5432/test python -m pytest" in README
 
 
-def test_the_curl_walkthrough_answers_exactly_as_shown(readers_server):
+def test_every_command_prints_what_the_readme_shows(database_url, tmp_path):
     if shutil.which("curl") is None:
         reason = "curl is not installed: the README's walkthrough is curl commands"
         if os.environ.get("LOCO_REQUIRE_TOOLS") == "1":
             pytest.fail(f"{reason} (LOCO_REQUIRE_TOOLS=1)")
         pytest.skip(reason)
-    printed, address, directory = readers_server
-    walkthrough = section("A walk through the protocol with curl")
-    # The reader keeps the tokens seed printed, as the README's first block does with its own.
-    tokens = dict(re.findall(r"^  (Ada|Grace) .* (\S+)$", printed, re.MULTILINE))
-    assert re.search(r"^ADA='Authorization: Bearer \S+'\nGRACE='Authorization: Bearer \S+'$", walkthrough, re.MULTILINE)
-    steps = [step for block in console_blocks(walkthrough) for step in commands_and_answers(block)]
-    assert len(steps) >= 14
-    # One bash runs them all in turn, as a reader types them; a marker before each splits the output.
-    script = [f"ADA='Authorization: Bearer {tokens['Ada']}'", f"GRACE='Authorization: Bearer {tokens['Grace']}'"]
-    for n, (command, _) in enumerate(steps):
-        script += [f"echo '@@ {n}'", command.replace("localhost:5000", address)]
-    ran = subprocess.run(["bash", "-c", "\n".join(script)], cwd=directory, capture_output=True, text=True, timeout=120)
-    assert ran.returncode == 0, ran.stderr
-    answers = re.split(r"^@@ \d+\n", ran.stdout, flags=re.MULTILINE)[1:]
-    assert len(answers) == len(steps)
-    for (command, shown), answer in zip(steps, answers):
-        if not shown:
-            assert answer == "", (command, answer)
+    steps = [step for block in console_blocks(README) for step in commands_and_outputs(block)]
+    shown = " ".join(command for command, _ in steps)
+    for command in ["flask --app app seed", "curl", "create-user", "add-member", "remove-member", "init-db", "wait=25"]:
+        assert command in shown, f"the README's console blocks no longer show {command!r}"
+    tokens: dict[str, str] = {}  # a token the README shows -> the one this run printed in its place
+    with flask_run(database_url, tmp_path) as address:
+        shell = Shell(tmp_path, environment(database_url))
+        try:
+            for command, output in steps:
+                for readme_token, token in tokens.items():
+                    command = command.replace(readme_token, token)
+                printed, status = shell.run(command.replace("localhost:5000", address))
+                assert status == 0, (command, printed)
+                assert masked(printed) == masked(output), command
+                for readme_token, token in zip(TOKEN.findall(output), TOKEN.findall(printed)):
+                    tokens.setdefault(readme_token, token)
+        finally:
+            shell.close()
+
+
+def test_the_readme_shows_the_example_client_whole():
+    assert f"```python\n{(ROOT / 'examples' / 'client.py').read_text()}```\n" in README
+
+
+def anchor(heading: str) -> str:
+    """GitHub's anchor of a heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("page", ["README.md", *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md"))])
+def test_every_link_leads_somewhere(page):
+    text = (ROOT / page).read_text()
+    text = re.sub(r"^```.*?^```", "", text, flags=re.DOTALL | re.MULTILINE)
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"https?://", target):
             continue
-        assert answer.endswith("}\n"), (command, answer)
-        assert wire(json.loads(answer)) == wire(json.loads(shown)), command
+        path, _, fragment = target.partition("#")
+        linked = (ROOT / page).parent / path if path else ROOT / page
+        assert linked.exists(), f"{page} links to {target}, which does not exist"
+        if fragment:
+            headings = re.findall(r"^#+ (.*)$", linked.read_text(), re.MULTILINE)
+            assert fragment in {anchor(h) for h in headings}, f"{page} links to {target}: no such heading"
