@@ -251,7 +251,7 @@ def fingerprint(changes: Any) -> str:
 def in_write_transaction(work: Callable[[DbConnection], T]) -> T:
     """BEGIN IMMEDIATE; work(db_connection); COMMIT; and return what `work` returned.
 
-    That is all it is, in essence, and the only way anything is written.
+    That is all it is, in essence (SERIALIZABLE on PostgreSQL), and the only way anything is written.
     machinery/writer.py runs it faster: writes arriving together share one
     transaction and its fsync (group commit), each in a savepoint of its own,
     and a transaction the database is too busy for is retried, then refused
@@ -453,10 +453,10 @@ class BootstrapQuerySchema(Schema):
 @api.get("/bootstrap")
 def bootstrap():
     query = load(shared(BootstrapQuerySchema), query_args())
-    # The response is streamed a chunk of rows at a time, so a large bootstrap
-    # never sits in memory whole. It reads everything on a connection of its
-    # own, in one read transaction that lasts until the last chunk is sent:
-    # the rows and firstSyncId come from the same snapshot.
+    # The response is streamed a chunk of rows at a time, so a large bootstrap never sits in memory whole.
+    # It reads everything on a connection of its own, in one read transaction (BEGIN DEFERRED on SQLite,
+    # REPEATABLE READ on PostgreSQL; the driver never begins one by itself) that lasts until the last
+    # chunk is sent: the rows and firstSyncId come from the same snapshot.
     chosen = flavour()
     db_connection = speaking_sql(db.engine.raw_connection())
     try:

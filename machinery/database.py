@@ -4,9 +4,11 @@ app.py speaks plain SQL with `?` placeholders to the driver's own connection
 (sqlite3's, or psycopg's through machinery/postgres.py): its statements stay
 in plain sight, and SQLAlchemy's ORM layer cost more than the SQL. This
 module gets those connections from SQLAlchemy's pool, sets each engine up so
-that transactions begin only where app.py says BEGIN, and creates the tables
-of models.py, safely when several server processes start at once.
-Proved by tests/test_sqlite.py, tests/test_postgres.py and tests/test_cli.py.
+that transactions begin only where app.py and writer.py say BEGIN, and
+creates the tables of models.py, safely when several server processes start
+at once. Proved by tests/test_bootstrap.py (one snapshot), tests/test_sqlite.py,
+tests/test_postgres.py, tests/test_concurrency.py (servers starting together)
+and tests/test_cli.py.
 """
 
 from __future__ import annotations

@@ -10,9 +10,11 @@ Across processes, SQLite's writers queue on a file lock (WriteLock). A
 transaction the database could not run now (SQLite busy; on PostgreSQL a
 serialization failure or a deadlock) is retried whole, with backoff, then
 refused with 503 type network, so the client retries it later.
-Proved by tests/test_concurrency.py, tests/test_crash.py, tests/test_errors.py
-(busy), tests/test_postgres.py (serialization failures) and
-tests/test_portability.py (without fcntl).
+Proved by tests/test_mutate.py (writes that wait together share one commit, a
+refused one rolled back alone), tests/test_sqlite.py (the write lock at BEGIN),
+tests/test_concurrency.py, tests/test_crash.py, tests/test_errors.py (busy),
+tests/test_postgres.py (serialization failures) and tests/test_portability.py
+(without fcntl).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ class Writer:
 
     def __init__(self, sqlite_file: str | None, config: dict[str, Any], postgres: bool):
         self.lock = WriteLock(sqlite_file)
-        # On SQLite only writers outside this server (the CLI) make it busy; on PostgreSQL
+        # On SQLite only writers outside this app (a sqlite3 shell, another tool) make it busy; on PostgreSQL
         # conflicting transactions retry at once, and jitter keeps them from colliding again.
         prefix = "SERIALIZATION" if postgres else "BUSY"
         self.retries, self.backoff_s, self.jitter = config[f"{prefix}_RETRIES"], config[f"{prefix}_BACKOFF_S"], postgres
@@ -145,8 +147,8 @@ class WriteLock:
     instead hands the turn over the moment it is free. Where there is no
     fcntl (Windows) there is no such lock: writers of several processes then
     queue in SQLite's busy handler, which is as correct, only slower. (The
-    busy timeout also covers writers that do not take this lock, like the
-    CLI.) PostgreSQL needs no such lock: its writers run side by side, and
+    busy timeout also covers writers outside this app, like a sqlite3
+    shell.) PostgreSQL needs no such lock: its writers run side by side, and
     only the step that appends to the log takes turns (app.py's lock_log).
     """
 
