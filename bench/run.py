@@ -1,13 +1,13 @@
-"""The benchmark: every figure of the README's performance table, in one run.
+"""The benchmark: every figure of the performance table in docs/performance.md, in one run.
 
     python bench/run.py            # full sizes: seven to ten minutes on two cores
     python bench/run.py --smoke    # tiny sizes, to prove the script works (the tests run this)
 
-It starts its own servers on 127.0.0.1 under the configuration the README gives
+It starts its own servers on 127.0.0.1 under the configuration docs/production.md gives
 for production (gunicorn, 4 workers x 4 threads), drives every request-rate row
 with the same load generator (wrk, `apt-get install wrk`) at 16 connections,
 and prints a markdown table: each figure beside its ceiling, measured in the
-same run, and the ratio the issue's target is about. Request rates also give
+same run, and the ratio each target is about. Request rates also give
 the CPU time the server's workers spent on each request (user + system, from
 /proc), a cost that does not depend on what else shares the cores.
 """

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-WORKERS, THREADS = 4, 4  # two processes a core: see the README's Performance section
+WORKERS, THREADS = 4, 4  # two processes a core: see docs/performance.md
 # Servers (gunicorn masters, each on its own port) sharing one database in the
 # load and crash tests: several app servers in front of one PostgreSQL database,
-# as it is deployed; one on a SQLite file, as the README's table describes.
+# as it is deployed; one on a SQLite file, as docs/testing.md's table describes.
 SERVERS = {"sqlite": 1, "postgresql": 2}
 
 
