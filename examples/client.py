@@ -1,5 +1,5 @@
 """A Loco Sync client in stdlib Python. Run: python examples/client.py http://127.0.0.1:5000 TOKEN"""
-import json, sys, time, urllib.error, urllib.parse, urllib.request
+import http.client, json, sys, time, urllib.error, urllib.parse, urllib.request
 
 
 def get(base, path, headers):
@@ -30,19 +30,21 @@ def sync(base, headers):
                 query = urllib.parse.urlencode({"type": "lazy", "models": "Group,Todo", "syncGroups": group})
                 for model, rows in get(base, f"/bootstrap?{query}", headers)["bootstrap"].items():
                     store[model].update({row["id"]: row for row in rows})
-            # Those rows are as of the lazy firstSyncId, past this page: the next pages re-apply the
-            # actions up to it, whole rows or deletes, in order, so the store is right once past it.
+            # Those rows are as of a later syncId; the next pages re-apply whole rows up to it, in order.
             cursor, groups = page["lastSyncId"], set(page["syncGroups"])  # after hasMore, it answers at once
             yield store
         except urllib.error.HTTPError as error:
-            refusal = json.load(error)["error"]
+            try:
+                refusal = json.load(error)["error"]
+            except ValueError:  # not our answer (a proxy's 502): a network error
+                refusal = {"type": "network", "code": None}
             if refusal["code"] == "unknown_cursor":
                 cursor = None  # the database was reset (init-db): start again
             elif refusal["type"] == "server":
                 raise
             else:
                 time.sleep(1)  # auth or network: retry, as Loco Sync does
-        except OSError:  # no answer: retry
+        except (OSError, http.client.HTTPException, ValueError):  # no answer, or cut short: retry
             time.sleep(1)
 
 

@@ -95,6 +95,12 @@ def test_the_quick_start_is_two_commands():
     commands = [line.split("  #")[0].strip() for line in block.splitlines()]
     assert commands == ["pip install -r requirements.txt && flask --app app run", "pip install -r requirements-dev.txt && python -m pytest"]
     assert "TEST_DATABASE_URL=postgresql+psycopg://postgres@127.0.0.1:5432/test python -m pytest" in README
+    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()
+    assert ci[-1] == commands[1]  # CI runs exactly the README's test command
+
+
+def test_the_readme_is_read_in_fifteen_minutes():
+    assert len(README.encode()) <= 15_000  # the rest is in docs/, which the README links
 
 
 def test_every_command_prints_what_the_readme_shows(database_url, tmp_path):
