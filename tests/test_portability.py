@@ -3,7 +3,6 @@ does not load, and where a platform lacks the file lock, writers still take
 turns. Each check runs in a fresh interpreter, so that nothing the test
 process loaded earlier can hide an import."""
 
-import ast
 import json
 import sqlite3
 import subprocess
@@ -84,12 +83,3 @@ def test_without_fcntl_writers_of_several_processes_still_take_turns(tmp_path):
         authors = reader.execute("SELECT count(*) FROM authors WHERE id LIKE 'p%'").fetchone()[0]
     assert authors == 40 * writers
     assert ids == list(range(1, len(ids) + 1))  # one contiguous log: nothing lost, nothing doubled
-
-
-def test_app_py_imports_no_machinery_of_threads_locks_or_engines():
-    """app.py is the protocol; threads, file locks, the PostgreSQL driver and
-    the OpenAPI builder live in machinery/."""
-    tree = ast.parse((ROOT / "app.py").read_text())
-    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
-    assert not imported & {"threading", "fcntl", "psycopg", "apispec", "sqlite3", "concurrent", "multiprocessing"}, imported

@@ -113,12 +113,12 @@ def test_a_serialization_failure_is_retried_and_the_mutation_applied_once(pg_app
         def ada_updates():
             answer["response"] = mutate(ada, update("Todo", "t1", text="Renamed"), transaction_id="rename")
 
-        writer = threading.Thread(target=ada_updates)
-        writer.start()
-        writer.join(timeout=1)  # ada's update waits for the row lock
-        assert writer.is_alive()
+        ada_writing = threading.Thread(target=ada_updates)
+        ada_writing.start()
+        ada_writing.join(timeout=1)  # ada's update waits for the row lock
+        assert ada_writing.is_alive()
         other.execute("COMMIT")  # ada's transaction now fails to serialize, and is retried
-        writer.join()
+        ada_writing.join()
 
     last_sync_id = answer["response"]["lastSyncId"]
     rows = ada.get("/bootstrap?type=eager&models=Todo").get_json()["bootstrap"]["Todo"]
