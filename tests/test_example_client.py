@@ -4,6 +4,7 @@ through another user's writes, a group joined and left, and the database reset u
 
 from __future__ import annotations
 
+import http.server
 import importlib.util
 import json
 import queue
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -133,3 +135,61 @@ def test_run_from_the_command_line_it_prints_the_store_after_each_answer(served,
     finally:
         running.terminate()
         running.wait(timeout=10)
+
+
+@pytest.fixture
+def flaky_front(served):
+    """A stand-in for a proxy in front of the server: its first answer is a 502 page of its own,
+    its second is cut short mid-body; every later request is passed through."""
+    base, tokens = served
+    faults = ["bad gateway", "cut short"]
+
+    class Front(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            fault = faults.pop(0) if faults else None
+            if fault == "bad gateway":
+                self.send_response(502)
+                self.send_header("Content-Type", "text/html")
+                self.end_headers()
+                self.wfile.write(b"<html><body>502 Bad Gateway</body></html>")
+                return
+            if fault == "cut short":
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", "4096")
+                self.end_headers()
+                self.wfile.write(b'{"bootstrap":{"Group":[')
+                self.close_connection = True
+                return
+            forwarded = urllib.request.Request(base + self.path, headers={"Authorization": self.headers["Authorization"]})
+            try:
+                with urllib.request.urlopen(forwarded, timeout=60) as answer:
+                    status, body = answer.status, answer.read()
+            except urllib.error.HTTPError as error:
+                status, body = error.code, error.read()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    front = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Front)
+    threading.Thread(target=front.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{front.server_port}", tokens, faults
+    front.shutdown()
+    front.server_close()
+
+
+def test_answers_not_from_the_server_or_cut_short_are_retried_as_network_faults(flaky_front, database_url):
+    """Loco Sync retries a network fault; only the server's own type server refusal ends the client."""
+    front, tokens, faults = flaky_front
+    stores = client.sync(front, {"Authorization": f"Bearer {tokens['Grace']}"})
+    try:
+        store = next(stores)
+        assert faults == []  # both faults were met on the way to this store
+        assert as_text(store) == seen_by(database_url, "Grace")
+    finally:
+        stores.close()
