@@ -44,8 +44,10 @@ from servers import THREADS, WORKERS, Gunicorn  # noqa: E402
 
 CONNECTIONS = 16
 # Each request-rate figure is the median of `rounds` runs of `seconds`, taken turn about with its ceiling.
-FULL = dict(seconds=3, rounds=6, history=(1_000, 1_000_000), todos=100_000, latency_samples=1_000, raw_transactions=5_000)
-SMOKE = dict(seconds=1, rounds=1, history=(1_000, 5_000), todos=2_000, latency_samples=30, raw_transactions=200)
+FULL = dict(seconds=3, rounds=6, history=(1_000, 1_000_000), todos=100_000, latency_samples=1_000, raw_transactions=5_000,
+            connected=(1_000, 5_000, 10_000), connected_seconds=60)
+SMOKE = dict(seconds=1, rounds=1, history=(1_000, 5_000), todos=2_000, latency_samples=30, raw_transactions=200,
+             connected=(3,), connected_seconds=2)  # 3: fewer than a worker's threads, which held polls can exhaust today
 GROUPS = 100  # for the history rows: a user in all of them, and one in just group:g0
 
 
@@ -433,6 +435,7 @@ def main() -> None:
             rows += postgres_rows(postgres, size, serve)
         else:
             progress("no PostgreSQL rows: set BENCH_DATABASE_URL (or TEST_DATABASE_URL) to a postgresql+psycopg:// URL")
+        rows += connected_rows(size, directory, progress)
     finally:
         for server in servers:
             server.stop()
@@ -471,6 +474,25 @@ def postgres_rows(base_url: str, size: dict, serve) -> list[tuple[str, ...]]:
     cost = statistics.median(b.per_second / a.per_second if a.per_second else float("inf") for a, b in pairs)
     rows.append(("7d", "PostgreSQL: the same, 4 app processes, with the log lock vs without it (the naive design, which can skip actions)",
                  f"{with_lock.per_second:,.0f} vs {without.per_second:,.0f} tx/s" + failures(with_lock, without), "without the lock", f"cost × {cost:.2f}", ""))
+    return rows
+
+
+def connected_rows(size: dict, directory: Path, progress) -> list[tuple[str, ...]]:
+    """Row 8: clients that stay connected, each holding a long poll (bench/connected.py)."""
+    from bench import connected
+
+    rows = []
+    for letter, clients in zip("abc", size["connected"]):
+        progress(f"{clients:,} connected clients, {size['connected_seconds']} s of writes")
+        result = connected.measure(clients, size["connected_seconds"], directory)
+        propagation = result["propagation_ms"] or (float("inf"), float("inf"))
+        met = (
+            result["exactly_once"] == clients and propagation[0] <= 50 and propagation[1] <= 500 and (result["mutation_p99_ms"] or 0) <= 100
+            and result["rss_mib"] <= 1024 and result["idle_cpu"] <= 0.05
+        )
+        rows.append((f"8{letter}", f"{clients:,} connected clients, each in `all` and 1 of 100 groups; 21 writes/s for "
+                     f"{size['connected_seconds']} s (`bench/connected.py`)", connected.row(result), "", "",
+                     verdict(met, "all exactly once; propagation p50 ≤ 50 ms, p99 ≤ 500 ms; mutation p99 ≤ 100 ms; RSS ≤ 1 GiB; idle CPU ≤ 5 %")))
     return rows
 
 
