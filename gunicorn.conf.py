@@ -1,11 +1,25 @@
-"""gunicorn reads this file from the directory it starts in.
+"""Every production setting: `gunicorn 'app:create_app()'` from the project root reads
+this file from the directory it starts in (docs/production.md). Flags given on the
+command line, or in GUNICORN_CMD_ARGS, override it.
 
 Held long polls (GET /sync?wait=) would make a graceful shutdown wait for
 them; on SIGTERM each worker answers them at once, then shuts down as usual.
 """
 
+import multiprocessing
 import signal
 import sys
+
+bind = "127.0.0.1:8000"
+workers = 2 * multiprocessing.cpu_count()  # a keep-alive connection stays on its worker: two a core keep cores busy
+worker_class = "gthread"
+threads = 4  # each held long poll holds one of them
+# Browsers and Node's http agent reuse an idle connection for seconds after its last answer
+# (gunicorn's default of 2 s was shorter, and clients saw ECONNRESET on reuse): keep it
+# open longer than any of them, as nginx does by default.
+keepalive = 75
+timeout = 60  # a worker silent this long is restarted; it answers between requests, not per poll
+graceful_timeout = 10
 
 
 def post_worker_init(worker):

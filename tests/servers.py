@@ -30,19 +30,22 @@ class Gunicorn:
     """`gunicorn --workers 4 --threads 4 'app:create_app()'` on a free port, on one database.
     The tests' servers check each response against the contract (tests/contract.py)."""
 
-    def __init__(self, database_url: str, log_path: Path, workers: int = WORKERS, app: str = "contract:checked_app()"):
-        self.database_url, self.log_path, self.workers, self.app = database_url, log_path, workers, app
+    def __init__(self, database_url: str, log_path: Path, workers: int = WORKERS, app: str = "contract:checked_app()", flags: bool = True):
+        """flags=False runs `gunicorn <app>` as docs/production.md says, with every setting from
+        gunicorn.conf.py but the address (GUNICORN_CMD_ARGS binds a free port)."""
+        self.database_url, self.log_path, self.workers, self.app, self.flags = database_url, log_path, workers, app, flags
         self.process: subprocess.Popen | None = None
         self.url = ""
 
     def start(self, timeout: float = 30) -> None:
         log = open(self.log_path, "ab")
         start = self.log_path.stat().st_size
+        flags = ["--workers", str(self.workers), "--threads", str(THREADS), "--bind", "127.0.0.1:0", "--graceful-timeout", "5"]
+        environment = {**os.environ, "DATABASE_URL": self.database_url, "GUNICORN_CMD_ARGS": "--bind 127.0.0.1:0 --pythonpath tests"}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "--workers", str(self.workers), "--threads", str(THREADS),
-             "--bind", "127.0.0.1:0", "--graceful-timeout", "5", "--pythonpath", "tests", self.app],
+            [sys.executable, "-m", "gunicorn", *(flags + ["--pythonpath", "tests"] if self.flags else []), self.app],
             cwd=ROOT,
-            env={**os.environ, "DATABASE_URL": self.database_url},
+            env=environment if not self.flags else {**os.environ, "DATABASE_URL": self.database_url},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # so a kill reaches the master and every worker
