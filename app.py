@@ -32,7 +32,7 @@ from werkzeug.exceptions import HTTPException
 
 from machinery import postgres
 from machinery.database import DbConnection, Flavour, configure_database, connection, create_schema, flavour, read_transaction
-from machinery.database import return_connection, schema_is_complete, speaking_sql
+from machinery.database import own_connection, return_connection, schema_is_complete
 from machinery.errors import ApiError
 from machinery.input import CommaList, SyncId, WaitSeconds, json_body, load, query_args, shared
 from machinery.long_poll import LogWatcher, log_watcher
@@ -458,7 +458,7 @@ def bootstrap():
     # REPEATABLE READ on PostgreSQL; the driver never begins one by itself) that lasts until the last
     # chunk is sent: the rows and firstSyncId come from the same snapshot.
     chosen = flavour()
-    db_connection = speaking_sql(db.engine.raw_connection())
+    db_connection = own_connection()
     try:
         db_connection.execute(chosen.begin_read)
         allowed = caller_sync_groups(g.user_id, db_connection)

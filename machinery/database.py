@@ -7,8 +7,8 @@ module gets those connections from SQLAlchemy's pool, sets each engine up so
 that transactions begin only where app.py and writer.py say BEGIN, and
 creates the tables of models.py, safely when several server processes start
 at once. Proved by tests/test_bootstrap.py (one snapshot), tests/test_sqlite.py,
-tests/test_postgres.py, tests/test_concurrency.py (servers starting together)
-and tests/test_cli.py.
+tests/test_postgres.py, tests/test_concurrency.py (servers starting together),
+tests/test_errors.py (an exhausted pool) and tests/test_cli.py.
 """
 
 from __future__ import annotations
@@ -22,9 +22,11 @@ from typing import Any
 from flask import current_app, g
 from sqlalchemy import event, inspect
 from sqlalchemy.engine import Dialect, Engine
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.schema import CreateIndex, CreateTable, DropTable
 
 from machinery import postgres
+from machinery.errors import ApiError
 from models import db
 
 DbConnection = Any  # sqlite3's connection, or postgres.PostgresConnection: both take the same SQL
@@ -74,8 +76,23 @@ def configure_database(engine: Engine, config: dict[str, Any]) -> Flavour:
 def connection() -> DbConnection:
     """This request's (or CLI command's) database connection, from the pool; returned at teardown."""
     if "connection" not in g:
-        g.connection = speaking_sql(db.engine.raw_connection())
+        g.connection = own_connection()
     return g.connection
+
+
+def own_connection() -> DbConnection:
+    """A connection from the pool for the caller alone (a streamed bootstrap holds one), to close when done.
+
+    When every connection of the pool stays in use past its timeout, the request is
+    answered 503 type network: the client retries it, rather than rolling a change back."""
+    try:
+        pooled = db.engine.raw_connection()
+    except PoolTimeout:
+        raise ApiError(
+            503, "database_busy", "Every database connection of this server is in use; nothing was done. Retry shortly.",
+            type="network", headers={"Retry-After": "1"},
+        ) from None
+    return speaking_sql(pooled)
 
 
 def speaking_sql(pooled) -> DbConnection:

@@ -118,6 +118,10 @@ def api_operations(models: tuple[SyncedModel, ...]) -> dict[str, Any]:
         "unauthorized (type auth): a missing, malformed or unknown token.", **{"WWW-Authenticate": "Bearer: send a token."}
     )
     internal_error = refusal("internal_error: a bug; the transaction was rolled back.")
+    busy = refusal(
+        "database_busy (type network): the database stayed busy, or every connection of this server was in use; "
+        "nothing was written; retry.", **{"Retry-After": "Seconds to wait."}
+    )
     return {
         "/mutate": {
             "post": {
@@ -135,9 +139,7 @@ def api_operations(models: tuple[SyncedModel, ...]) -> dict[str, Any]:
                     413: refusal("payload_too_large: the body is over 1 MiB."),
                     415: refusal("unsupported_media_type: the body is not sent as application/json."),
                     500: internal_error,
-                    503: refusal(
-                        "database_busy (type network): nothing was written; retry.", **{"Retry-After": "Seconds to wait."}
-                    ),
+                    503: busy,
                 },
             }
         },
@@ -151,6 +153,7 @@ def api_operations(models: tuple[SyncedModel, ...]) -> dict[str, Any]:
                     401: unauthorized,
                     403: refusal("forbidden (type auth): a lazy bootstrap of a sync group the caller lacks."),
                     500: internal_error,
+                    503: busy,
                 },
             }
         },
@@ -164,6 +167,7 @@ def api_operations(models: tuple[SyncedModel, ...]) -> dict[str, Any]:
                     401: unauthorized,
                     409: refusal("unknown_cursor: since is not a cursor of this database; bootstrap again."),
                     500: internal_error,
+                    503: busy,
                 },
             }
         },

@@ -12,7 +12,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import pytest
 import sqlalchemy
 from sqlalchemy import text
 from sqlalchemy.engine import URL, Engine, make_url

@@ -11,7 +11,8 @@ import pytest
 import machinery.writer as writer
 
 from app import create_app
-from helpers import assert_error, database_path, group, mutate, sign_in, snapshot, todo, wire
+from helpers import assert_error, create, database_path, group, mutate, shut_down, sign_in, snapshot, todo, wire
+from models import db
 
 
 def test_an_unknown_route_is_a_json_404(client):
@@ -141,6 +142,31 @@ def test_a_database_locked_by_another_writer_is_503_network_with_retry_after(dat
     # Type network makes the client retry, and once the lock is gone the retry succeeds.
     mutate(client, {"action": "create", "modelName": "Author", "modelId": "a1", "data": {"id": "a1", "name": "A"}})
     assert wire(mutate(client, todo("t1", "g1"))) == wire({"lastSyncId": 3})
+
+
+def test_an_exhausted_connection_pool_is_503_network_with_retry_after_and_writes_nothing(database_url):
+    """A transient fault: the client retries on network, where a 500 (type server) would make it roll back."""
+    pool = {"pool_size": 1, "max_overflow": 0, "pool_timeout": 0.2}
+    app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": database_url, "SQLALCHEMY_ENGINE_OPTIONS": pool})
+    client = sign_in(app)
+    mutate(client, group("g1"))
+    before = snapshot(app)
+    with app.app_context():
+        held = db.engine.raw_connection()  # the pool's only connection, in use elsewhere
+    try:
+        for response in (
+            client.post("/mutate", json={"changes": [todo("t1", "g1")]}),
+            client.get("/sync?since=0"),
+            client.get("/bootstrap?type=eager&models=Todo"),
+        ):
+            error = assert_error(response, 503, "database_busy", type="network")
+            assert response.headers["Retry-After"] == "1" and "nothing was done" in error["message"]
+    finally:
+        held.close()
+    assert snapshot(app) == before
+    mutate(client, create("Author", "a1", name="A"))  # a connection is free again: the retry succeeds
+    assert wire(mutate(client, todo("t1", "g1"))) == wire({"lastSyncId": 3})
+    shut_down(app)
 
 
 @pytest.mark.sqlite_only(HOLDS_SQLITES_WRITE_LOCK)

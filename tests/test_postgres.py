@@ -13,7 +13,8 @@ from sqlalchemy.engine import make_url
 
 import app as app_module
 import machinery.writer as writer
-from app import apply_transaction, create_app, flavour, load, MutateSchema, read_page, speaking_sql
+from app import apply_transaction, create_app, flavour, load, MutateSchema, read_page
+from machinery.database import speaking_sql
 from helpers import assert_error, create, fresh_database, group, mutate, shut_down, sign_in, todo, update, wire
 from models import db
 

@@ -14,7 +14,8 @@ from marshmallow import fields
 from sqlalchemy import ForeignKey, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app import flavour, speaking_sql
+from app import flavour
+from machinery.database import speaking_sql
 from helpers import create, delete, mutate, read_log, reader, update, wire
 from models import MAX_ID_LENGTH, SYNCED_MODELS, InGroup, RowSchema, SyncedModel, db, model_id
 
