@@ -26,7 +26,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.schema import CreateIndex, CreateTable, DropTable
 
 from machinery import postgres
-from machinery.errors import ApiError
+from machinery.errors import database_busy
 from models import db
 
 DbConnection = Any  # sqlite3's connection, or postgres.PostgresConnection: both take the same SQL
@@ -88,10 +88,7 @@ def own_connection() -> DbConnection:
     try:
         pooled = db.engine.raw_connection()
     except PoolTimeout:
-        raise ApiError(
-            503, "database_busy", "Every database connection of this server is in use; nothing was done. Retry shortly.",
-            type="network", headers={"Retry-After": "1"},
-        ) from None
+        raise database_busy("Every database connection of this server is in use; nothing was done. Retry shortly.") from None
     return speaking_sql(pooled)
 
 

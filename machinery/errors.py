@@ -18,3 +18,8 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.code, self.message, self.type = status, code, message, type
         self.details, self.headers = details, headers or {}
+
+
+def database_busy(message: str) -> ApiError:
+    """A transient fault of the database: type network, so the client retries the request later."""
+    return ApiError(503, "database_busy", message, type="network", headers={"Retry-After": "1"})

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from machinery.database import DbConnection, connection, flavour, is_retryable
-from machinery.errors import ApiError
+from machinery.errors import database_busy
 
 try:
     import fcntl
@@ -100,12 +100,8 @@ class Writer:
                 time.sleep(self.backoff_s * 2**attempt * (random.uniform(0.5, 1.5) if self.jitter else 1))
         for write in batch:
             write.fail(
-                ApiError(
-                    503,
-                    "database_busy",
-                    "The database stayed busy with other writers (locked, or in conflict with them); nothing was written. Retry shortly.",
-                    type="network",
-                    headers={"Retry-After": "1"},
+                database_busy(
+                    "The database stayed busy with other writers (locked, or in conflict with them); nothing was written. Retry shortly."
                 )
             )
 
