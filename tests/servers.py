@@ -40,12 +40,16 @@ class Gunicorn:
     def start(self, timeout: float = 30) -> None:
         log = open(self.log_path, "ab")
         start = self.log_path.stat().st_size
-        flags = ["--workers", str(self.workers), "--threads", str(THREADS), "--bind", "127.0.0.1:0", "--graceful-timeout", "5"]
-        environment = {**os.environ, "DATABASE_URL": self.database_url, "GUNICORN_CMD_ARGS": "--bind 127.0.0.1:0 --pythonpath tests"}
+        command, environment = [sys.executable, "-m", "gunicorn"], {**os.environ, "DATABASE_URL": self.database_url}
+        if self.flags:
+            command += ["--workers", str(self.workers), "--threads", str(THREADS), "--bind", "127.0.0.1:0", "--graceful-timeout", "5",
+                        "--pythonpath", "tests"]
+        else:
+            environment["GUNICORN_CMD_ARGS"] = "--bind 127.0.0.1:0 --pythonpath tests"
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", *(flags + ["--pythonpath", "tests"] if self.flags else []), self.app],
+            [*command, self.app],
             cwd=ROOT,
-            env=environment if not self.flags else {**os.environ, "DATABASE_URL": self.database_url},
+            env=environment,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # so a kill reaches the master and every worker
