@@ -32,10 +32,10 @@ from werkzeug.exceptions import HTTPException
 
 from machinery import postgres
 from machinery.database import DbConnection, Flavour, configure_database, connection, create_schema, flavour, read_transaction
-from machinery.database import own_connection, return_connection, schema_is_complete
+from machinery.database import engine_options, own_connection, return_connection, schema_is_complete
 from machinery.errors import ApiError
 from machinery.input import CommaList, SyncId, WaitSeconds, json_body, load, query_args, shared
-from machinery.long_poll import LogWatcher, log_watcher
+from machinery.long_poll import REREAD, HeldPolls, held_polls, membership_changed
 from machinery.writer import Writer
 from models import INT64, MAX_ID_LENGTH, SYNCED_MODELS, SyncedModel, db, model_id
 
@@ -66,7 +66,9 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         SERIALIZATION_BACKOFF_S=0.001,
         CORS_ORIGIN="*",  # which browser origins may call the API
         MAX_HOLD_S=MAX_WAIT_S,  # the longest a poll is held, whatever its wait=
-        LOG_CHECK_INTERVAL_S=0.002,  # how often a process looks for other processes' commits while polls are held
+        LOG_CHECK_INTERVAL_S=0.005,  # how often a process looks for other processes' commits while polls are held
+        POOL_SIZE=10,  # connections a process may use at once; a held poll uses none (docs/production.md)
+        POOL_TIMEOUT_S=5,  # then a request waiting for one is answered 503, type network
     )
     if test_config is None:
         app.config.from_pyfile("config.py", silent=True)
@@ -77,12 +79,13 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.json.sort_keys = False
     os.makedirs(app.instance_path, exist_ok=True)
 
+    app.config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", engine_options(app.config))
     db.init_app(app)
     with app.app_context():
         chosen = app.extensions["flavour"] = configure_database(db.engine, app.config)
         sqlite_file = None if chosen.postgres else db.engine.url.database
-        app.extensions["log_watcher"] = LogWatcher(db.engine, sqlite_file, app.config["LOG_CHECK_INTERVAL_S"])
-        app.extensions["writer"] = Writer(sqlite_file, app.config, postgres=chosen.postgres)
+        writer = app.extensions["writer"] = Writer(sqlite_file, app.config, postgres=chosen.postgres)
+        app.extensions["held_polls"] = HeldPolls(db.engine, sqlite_file, writer.lock.path, app.config, WIRE_ACTION_SQLITE)
         if not schema_is_complete(db.engine):
             # Under the write lock, with busy retries, so server processes starting together do not race.
             in_write_transaction(create_schema)
@@ -175,10 +178,12 @@ def new_user(db_connection: DbConnection, name: str) -> tuple[int, str]:
 
 def join(db_connection: DbConnection, user_id: int, sync_group: str) -> None:
     db_connection.execute("INSERT INTO memberships (user_id, sync_group) VALUES (?, ?) ON CONFLICT DO NOTHING", (user_id, sync_group))
+    membership_changed(db_connection, user_id)  # its held polls end, on every process, with its new groups
 
 
 def leave(db_connection: DbConnection, user_id: int, sync_group: str) -> None:
     db_connection.execute("DELETE FROM memberships WHERE user_id = ? AND sync_group = ?", (user_id, sync_group))
+    membership_changed(db_connection, user_id)
 
 
 # --- 3. POST /mutate --------------------------------------------------------
@@ -238,7 +243,7 @@ def mutate():
     mutation = load(shared(MutateSchema), body)
     transaction = (mutation["changes"], g.user_id, mutation.get("transaction_id"), fingerprint(body["changes"]))
     last_sync_id = in_write_transaction(lambda db_connection: apply_transaction(db_connection, *transaction))
-    log_watcher().advance(last_sync_id)  # wake this process's held polls now, not at their next check
+    held_polls().wake_all()  # this process's held polls see it now, not at their next check
     return {"lastSyncId": last_sync_id}
 
 
@@ -379,7 +384,7 @@ def append_to_log(db_connection: DbConnection, pending: list[PendingAction]) -> 
             "INSERT INTO sync_action_group (sync_group, sync_action_id) VALUES (?, ?)", [(group, sync_id) for group in action.sync_groups]
         )
     if flavour().postgres:
-        postgres.notify_log(db_connection, sync_id)  # wakes held polls on every app server (machinery/long_poll.py)
+        postgres.notify_log(db_connection)  # wakes held polls on every app server (machinery/long_poll.py)
     return sync_id
 
 
@@ -453,10 +458,9 @@ class BootstrapQuerySchema(Schema):
 @api.get("/bootstrap")
 def bootstrap():
     query = load(shared(BootstrapQuerySchema), query_args())
-    # The response is streamed a chunk of rows at a time, so a large bootstrap never sits in memory whole.
-    # It reads everything on a connection of its own, in one read transaction (BEGIN DEFERRED on SQLite,
-    # REPEATABLE READ on PostgreSQL; the driver never begins one by itself) that lasts until the last
-    # chunk is sent: the rows and firstSyncId come from the same snapshot.
+    # Streamed a chunk of rows at a time, so a large bootstrap never sits in memory whole, and read on
+    # a connection of its own, in one read transaction (BEGIN DEFERRED on SQLite, REPEATABLE READ on
+    # PostgreSQL) that lasts until the last chunk is sent: the rows and firstSyncId share one snapshot.
     chosen = flavour()
     db_connection = own_connection()
     try:
@@ -539,24 +543,18 @@ def sync():
         return {"sync": [], "lastSyncId": head, "syncGroups": sync_groups, "hasMore": False}
 
     since, limit = query["since"], query.get("limit", DEFAULT_LIMIT)
-    # A long poll (wait=) holds an empty answer until an action the caller
-    # may see arrives, or the wait ends; then it answers the page as usual.
+    # A long poll (wait=) holds an empty page until an action the caller may see arrives, or the wait ends.
     deadline = time.monotonic() + min(query.get("wait", 0), current_app.config["MAX_HOLD_S"])
     page = read_page(since, query.get("until"), limit)
-    while "wait" in query and not page["sync"] and not page["hasMore"]:
-        return_connection()  # a held poll holds no connection (and, between statements, no snapshot)
-        if not log_watcher().wait_past(page["lastSyncId"], deadline):
-            break
-        # Much can happen during a wait: check the token and the cursor again,
-        # or a poll held across `init-db` would serve the new database's log.
-        user_for_token(request.headers.get("Authorization"))
-        page = read_page(page["lastSyncId"], None, limit)
+    if "wait" in query and not page["sync"] and not page["hasMore"]:
+        return_connection()  # a held poll holds no connection, and no snapshot
+        woken = held_polls().hold(g.user_id, page, limit, deadline, request.environ)  # machinery/long_poll.py
+        if woken is REREAD:  # its user's groups changed, or init-db ran: its token and cursor are checked again
+            user_for_token(request.headers.get("Authorization"))
+            page = read_page(page["lastSyncId"], None, limit)
+        elif woken is not None:  # answered from the one read its process made of the new actions
+            page = woken
     return page_response(page)
-
-
-def unknown_cursor(since: int, log_start: int, head: int) -> ApiError:
-    reason = f"since={since} is not a cursor of this database, whose log runs from {log_start} to {head}"
-    return ApiError(409, "unknown_cursor", f"{reason}: the database was reset after this client synced. Bootstrap again.")
 
 
 def read_page(since: int, until: int | None, limit: int) -> dict[str, Any]:
@@ -566,10 +564,12 @@ def read_page(since: int, until: int | None, limit: int) -> dict[str, Any]:
     # The page scans at most `limit` syncIds; summed here, where integers do not overflow.
     params = {"user_id": g.user_id, "since": since, "until": min(last, since + limit)}
     statement = postgres.PAGE if flavour().postgres else PAGE_SQLITE  # the same statement in PostgreSQL's dialect
-    log_start, head, cursor, sync_groups, actions = connection().execute(statement, params).fetchone()
+    log_start, head, cursor, sync_groups, actions, changes = connection().execute(statement, params).fetchone()
     if not log_start <= since <= head:
-        raise unknown_cursor(since, log_start, head)
-    return {"sync": actions, "lastSyncId": cursor, "syncGroups": sync_groups, "hasMore": cursor < min(head, last)}
+        reason = f"since={since} is not a cursor of this database, whose log runs from {log_start} to {head}"
+        raise ApiError(409, "unknown_cursor", f"{reason}: the database was reset after this client synced. Bootstrap again.")
+    return {"sync": actions, "lastSyncId": cursor, "syncGroups": sync_groups, "hasMore": cursor < min(head, last),
+            "membershipChanges": changes}  # for a long poll: how far this snapshot saw memberships change
 
 
 # A poll is one statement, so it reads one snapshot without BEGIN and COMMIT:
@@ -580,7 +580,11 @@ def read_page(since: int, until: int | None, limit: int) -> dict[str, Any]:
 # stall a client. (Every statement a request runs hands the GIL to another
 # thread and waits to get it back: one statement instead of six made a poll
 # under gunicorn about twice as fast.)
-PAGE_SQLITE = """
+WIRE_ACTION_SQLITE = """CASE WHEN data IS NULL OR data = 'null'  -- a delete; 'null' as older versions stored it
+        THEN json_object('syncId', id, 'action', action, 'modelName', model_name, 'modelId', model_id)
+        ELSE json_object('syncId', id, 'action', action, 'modelName', model_name, 'modelId', model_id, 'data', json(data))
+    END"""
+PAGE_SQLITE = f"""
 WITH log(log_start, head) AS (
     SELECT log_start, coalesce((SELECT max(id) FROM sync_action), log_start)
     FROM (SELECT coalesce((SELECT after_sync_id FROM sync_log_start), 0) AS log_start)
@@ -592,10 +596,7 @@ page(cursor) AS (
     SELECT min(:until, head) FROM log
 ),
 visible(wire) AS (
-    SELECT CASE WHEN data IS NULL OR data = 'null'  -- a delete; 'null' as older versions stored it
-        THEN json_object('syncId', id, 'action', action, 'modelName', model_name, 'modelId', model_id)
-        ELSE json_object('syncId', id, 'action', action, 'modelName', model_name, 'modelId', model_id, 'data', json(data))
-    END
+    SELECT {WIRE_ACTION_SQLITE}
     FROM sync_action
     WHERE id IN (
         SELECT sync_action_id FROM sync_action_group  -- an index range scan per group: see models.py
@@ -605,7 +606,8 @@ visible(wire) AS (
 )
 SELECT log_start, head, cursor,
     (SELECT json_group_array(sync_group) FROM (SELECT sync_group FROM caller_groups ORDER BY sync_group != 'all', sync_group)),
-    (SELECT coalesce(group_concat(wire, ','), '') FROM visible)
+    (SELECT coalesce(group_concat(wire, ','), '') FROM visible),
+    (SELECT coalesce(max(id), 0) FROM membership_change)
 FROM log, page
 """
 
@@ -627,9 +629,8 @@ def error_response(error: ApiError):
     return body, error.status, error.headers
 
 
-HTTP_ERROR_CODES = {
-    400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type"
-}
+HTTP_ERROR_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
+                    415: "unsupported_media_type"}
 
 
 def http_error(error: HTTPException):

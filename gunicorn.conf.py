@@ -2,39 +2,38 @@
 this file from the directory it starts in (docs/production.md). Flags given on the
 command line, or in GUNICORN_CMD_ARGS, override it.
 
-Held long polls (GET /sync?wait=) would make a graceful shutdown wait for
-them; on SIGTERM each worker answers them at once, then shuts down as usual.
+Clients stay connected: each holds a long poll (GET /sync?wait=) most of the
+time. gevent's worker serves every connection of a process as a greenlet on
+one event loop, so a held poll costs a socket and a little memory, not a
+thread (machinery/event_loop.py says what the app does for it). On SIGTERM
+each worker answers its held polls at once, then shuts down as usual.
 """
 
 import multiprocessing
 import signal
-import sys
 
 bind = "127.0.0.1:8000"
-workers = 2 * multiprocessing.cpu_count()  # a keep-alive connection stays on its worker: two a core keep cores busy
-worker_class = "gthread"
-threads = 4  # each held long poll holds one of them
+# One event loop a core, and one more a core for the moments a loop waits (a
+# page read, a commit handed to a thread): a keep-alive connection stays on its worker.
+workers = 2 * multiprocessing.cpu_count()
+worker_class = "gevent"
+worker_connections = 10_000  # a process's open connections, held polls included; each needs a file descriptor
+backlog = 4096  # connections waiting to be accepted, as after a restart, when every client reconnects at once
 # Browsers and Node's http agent reuse an idle connection for seconds after its last answer
 # (gunicorn's default of 2 s was shorter, and clients saw ECONNRESET on reuse): keep it
 # open longer than any of them, as nginx does by default.
 keepalive = 75
-timeout = 60  # a worker silent this long is restarted; it answers between requests, not per poll
+timeout = 60  # a worker whose loop is stuck this long is restarted
 graceful_timeout = 10
 
 
 def post_worker_init(worker):
-    # A thread that waits on SQLite or a socket gives up the GIL, and getting
-    # it back takes up to the switch interval (5 ms by default) while another
-    # thread computes. With 8 threads a worker, requests then queued behind one
-    # another: the same load ran at 350 or 1,650 requests/s, by chance.
-    sys.setswitchinterval(0.0005)
-
     graceful_exit = signal.getsignal(signal.SIGTERM)
 
     def release_held_polls_then_exit(signum, frame):
-        log_watcher = getattr(worker.wsgi, "extensions", {}).get("log_watcher")
-        if log_watcher is not None:
-            log_watcher.close()
+        held_polls = getattr(worker.wsgi, "extensions", {}).get("held_polls")
+        if held_polls is not None:
+            held_polls.close()
         graceful_exit(signum, frame)
 
     signal.signal(signal.SIGTERM, release_held_polls_then_exit)

@@ -301,6 +301,16 @@ class Membership(db.Model):
     sync_group: Mapped[str] = mapped_column(String(SYNC_GROUP_LENGTH), primary_key=True, index=True)
 
 
+class MembershipChange(db.Model):
+    """One for each change of a user's memberships, numbered in commit order, so that each
+    process can end the held polls of that user (machinery/long_poll.py). No user: every
+    user's, as after init-db, whose first change continues the old numbering."""
+
+    __tablename__ = "membership_change"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    user_id: Mapped[int | None]
+
+
 # --- The sync log -----------------------------------------------------------
 
 

@@ -195,7 +195,8 @@ def clients_process(address: str, clients: list[tuple[str, int]], since: int, fi
 def measure(clients: int, seconds: float, directory: Path, settle_s: float = 5, idle_s: float = 10, drain_s: float = 5) -> dict:
     url = f"sqlite:///{directory / f'connected-{clients}.sqlite3'}"
     writer_token, users, head = seed(url, clients)
-    server = Gunicorn(url, directory / f"connected-{clients}.log", app="app:create_app()")
+    # The production command: every setting from gunicorn.conf.py, whose workers are two a core.
+    server = Gunicorn(url, directory / f"connected-{clients}.log", workers=2 * os.cpu_count(), app="app:create_app()", flags=False)
     server.start()
     context = multiprocessing.get_context("spawn")
     crowd_results, writer_results, finish = context.Queue(), context.Queue(), context.Event()

@@ -40,7 +40,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from app import apply_transaction, create_app, in_write_transaction, join, load, MutateSchema, new_user  # noqa: E402
 from models import db  # noqa: E402
-from servers import THREADS, WORKERS, Gunicorn  # noqa: E402
+from servers import WORKERS, Gunicorn  # noqa: E402
 
 CONNECTIONS = 16
 # Each request-rate figure is the median of `rounds` runs of `seconds`, taken turn about with its ceiling.
@@ -520,7 +520,7 @@ def table(rows, smoke: bool) -> str:
     lines = [
         f"{'Smoke run (tiny sizes; the figures mean nothing)' if smoke else 'Benchmark'} of {datetime.date.today()} on "
         f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}; "
-        f"gunicorn {WORKERS} workers × {THREADS} threads, wrk at {CONNECTIONS} connections.",
+        f"gunicorn {WORKERS} gevent workers, wrk at {CONNECTIONS} connections.",
         "",
         "| | measurement | result | ceiling | ratio | target |",
         "|---|---|---|---|---|---|",

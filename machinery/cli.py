@@ -14,6 +14,7 @@ from flask.cli import with_appcontext
 
 from app import MutateSchema, apply_transaction, in_write_transaction, join, leave, load, new_user, read_head
 from machinery.database import DbConnection, create_schema, schema_statements, start_log_after
+from machinery.long_poll import membership_changed
 from models import SYNCED_MODELS, db
 
 
@@ -24,6 +25,7 @@ def init_db_command():
 
     def reset(db_connection):
         old_head = read_head(db_connection)
+        (old_changes,) = db_connection.execute("SELECT coalesce(max(id), 0) FROM membership_change").fetchone()
         for statement in schema_statements(drop=True):
             db_connection.execute(statement)
         create_schema(db_connection)
@@ -33,6 +35,8 @@ def init_db_command():
             log_start = old_head + 1
             db_connection.execute("INSERT INTO sync_log_start (after_sync_id) VALUES (?)", (log_start,))
             start_log_after(db_connection, log_start)
+        # Every held poll, on every process, reads again: its token and cursor are the old database's.
+        membership_changed(db_connection, None, after=old_changes)
 
     in_write_transaction(reset)
     click.echo(f"Initialized an empty database at {db.engine.url.database}")

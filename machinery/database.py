@@ -161,3 +161,13 @@ def start_log_after(db_connection: DbConnection, sync_id: int) -> None:
         postgres.start_log_after(db_connection, sync_id)
     else:
         db_connection.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('sync_action', ?)", (sync_id,))
+
+
+def engine_options(config: dict[str, Any]) -> dict[str, Any]:
+    """The pool: POOL_SIZE connections a process, and a request that waits POOL_TIMEOUT_S for one is
+    answered 503 (own_connection). SQLite's may be used by a thread other than the one that opened
+    them: under the gevent worker, writer.py commits in gevent's thread pool (event_loop.py)."""
+    options = {"pool_size": config["POOL_SIZE"], "max_overflow": 0, "pool_timeout": config["POOL_TIMEOUT_S"]}
+    if config["SQLALCHEMY_DATABASE_URI"].startswith("sqlite"):
+        options["connect_args"] = {"check_same_thread": False}
+    return options

@@ -1,116 +1,297 @@
-"""Long polls: telling held polls that the log grew, whichever process wrote to it.
+"""Long polls: thousands held per process, woken by sync group, answered from one read.
 
 A poll with wait= (app.py's sync) holds an empty answer until an action the
-caller may see commits. Asking the database in a loop would cost a statement
-per held poll per tick; instead every held poll of a process waits on one
-condition, advanced at once by a commit of this process (app.py's mutate)
-and, for other processes' commits, by one watcher thread per process.
-Proved by tests/test_long_poll.py (across processes and across app servers on
-PostgreSQL) and the walkthrough's long poll (tests/test_readme.py).
+caller may see commits. Each process keeps its held polls indexed by sync
+group and by user. When the log may have grown (a commit of this process;
+another process's, seen by one watcher per process), one reader reads the new
+actions with their sync groups, and the membership changes, in one snapshot,
+and answers every poll one of them concerns from that read: no statement and
+no token check per poll. A poll whose user's memberships changed (or every
+poll, after init-db) is told to read again, so that its answer carries the
+user's new groups and its token and cursor are checked again.
+A held poll costs no thread under the gevent worker (gunicorn.conf.py), no
+connection, and no snapshot. Proved by tests/test_long_poll.py (across
+processes and app servers, wake-ups by group counted, membership changes,
+disconnects, shutdown) and the walkthrough's long poll (tests/test_readme.py).
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import sqlite3
 import threading
 import time
+from collections import defaultdict
+from typing import Any
 
 from flask import current_app
 from sqlalchemy.engine import Engine
 
+from machinery import event_loop, postgres
+from machinery.database import flavour
 
-def log_watcher() -> LogWatcher:
-    return current_app.extensions["log_watcher"]
+REREAD = "reread"  # hold's answer when the poll must read its page again: its user's groups changed, or init-db ran
+MAX_READ = 5000  # actions read at a time; a poll's page is at most this many syncIds (app.py's MAX_LIMIT)
+
+BOUNDS = """SELECT coalesce((SELECT max(id) FROM sync_action), (SELECT after_sync_id FROM sync_log_start), 0),
+    (SELECT coalesce(max(id), 0) FROM membership_change)"""
+MEMBERSHIP_CHANGES = "SELECT id, user_id FROM membership_change WHERE id > ? AND id <= ? ORDER BY id"
+NEW_ACTIONS = """SELECT id, {wire_action}, (SELECT {concat_groups} FROM sync_action_group WHERE sync_action_id = sync_action.id)
+FROM sync_action WHERE id > ? AND id <= ? ORDER BY id"""
 
 
-class LogWatcher:
-    """Tells held polls that the log grew, whichever process wrote to it.
+def commit_bell(bell: str | None):
+    """inotify on the file that writer.py touches after each commit, or None where there is none.
+    (The write-ahead log itself is written before its commit is visible.) Imported here, after the
+    gevent worker patched `select`, so that waiting for it cooperates."""
+    try:
+        from inotify_simple import INotify, flags
+    except (ImportError, OSError, AttributeError):  # not installed, or no inotify in this C library
+        return None
+    if bell is None:
+        return None
+    os.close(os.open(bell, os.O_RDWR | os.O_CREAT, 0o600))
+    inotify = INotify(nonblocking=True)
+    inotify.add_watch(bell, flags.ATTRIB)
+    return inotify
 
-    A commit in this process calls `advance` at once. Commits of other
-    processes are seen by one thread per process, started by the first held
-    poll. On SQLite it asks `PRAGMA data_version` (a counter that changes
-    when another connection commits) every `interval_s`, and only while some
-    poll is held; it sleeps otherwise. On PostgreSQL it listens for the
-    notification every write transaction sends at COMMIT (postgres.notify_log),
-    blocked in the driver between them, and keeps those of its own schema.
-    `close` releases every held poll, for a quick shutdown.
-    """
 
-    def __init__(self, engine: Engine, sqlite_file: str | None, interval_s: float):
-        self.engine, self.sqlite_file, self.interval_s = engine, sqlite_file, interval_s
-        self.changed = threading.Condition()
-        self.head = 0
-        self.waiting = 0
+def held_polls() -> HeldPolls:
+    return current_app.extensions["held_polls"]
+
+
+def membership_changed(db_connection, user_id: int | None, after: int = 0) -> None:
+    """Inside the write transaction that changed `user_id`'s memberships (None: every user's):
+    its held polls, on every process, end with its new groups. Numbered after `after` in an empty table."""
+    if flavour().postgres:
+        postgres.lock_log(db_connection)  # so that changes commit in the order of their ids, as the log's actions do
+        postgres.notify_log(db_connection)
+    next_id = "SELECT coalesce(max(id), ?) + 1, ? FROM membership_change"
+    db_connection.execute(f"INSERT INTO membership_change (id, user_id) {next_id}", (after, user_id))
+
+
+class HeldPoll:
+    __slots__ = ("user_id", "cursor", "limit", "sync_groups", "sync_groups_json", "changes_seen", "reads_before", "answer", "woken")
+
+    def __init__(self, user_id: int, page: dict[str, Any], limit: int, reads_before: int):
+        self.user_id, self.cursor, self.limit = user_id, page["lastSyncId"], limit
+        self.sync_groups_json = page["syncGroups"]
+        self.sync_groups = json.loads(page["syncGroups"])
+        self.changes_seen = page["membershipChanges"]  # the newest membership change its page's snapshot saw
+        self.reads_before = reads_before
+        self.answer: Any = None
+        self.woken = threading.Event()
+
+    def wake(self, answer: Any) -> None:
+        self.answer = answer
+        self.woken.set()
+
+
+class HeldPolls:
+    """This process's held polls, and the one reader that answers them."""
+
+    def __init__(self, engine: Engine, sqlite_file: str | None, bell: str | None, config: dict, wire_action_sqlite: str):
+        self.engine, self.sqlite_file, self.bell, self.interval_s = engine, sqlite_file, bell, config["LOG_CHECK_INTERVAL_S"]
+        concat = "string_agg(sync_group, ',')" if sqlite_file is None else "group_concat(sync_group, ',')"
+        wire_action = postgres.WIRE_ACTION if sqlite_file is None else wire_action_sqlite
+        self.new_actions_sql = NEW_ACTIONS.format(wire_action=wire_action, concat_groups=concat)
+        self.lock = threading.Lock()
+        self.by_group: dict[str, set[HeldPoll]] = defaultdict(set)
+        self.by_user: dict[int, set[HeldPoll]] = defaultdict(set)
+        self.count = 0
+        self.smallest_limit = math.inf
+        # Where the next read starts: at most the cursor of every poll held since the last read began.
+        self.next_from: int | None = None
+        self.next_changes_from: int | None = None
+        self.reads_begun = self.reads_done = 0
+        self.head = self.changes_head = 0  # as the last finished read saw them
+        self.read_due = False  # read even if no commit was seen since the last read
+        self.log_changed = threading.Event()  # the log or the memberships may have changed
         self.closed = False
-        self.thread: threading.Thread | None = None
+        self.threads: list[threading.Thread] = []
+        self.inotify = None
+        self.page_reads = 0  # reads of new actions so far, for tests
 
-    def wait_past(self, since: int, deadline: float) -> bool:
-        """Wait until the head is past `since` (True), or the deadline or close comes first (False)."""
-        with self.changed:
-            if self.closed or time.monotonic() >= deadline:
-                return False  # whatever the head says, a poll never outlives its wait
-            if self.head > since:
-                return True
-            self.waiting += 1
-            # An in-memory database has no other process to watch.
-            watch = self.listen if self.engine.dialect.name == "postgresql" else self.watch if self.sqlite_file else None
-            if watch and (self.thread is None or not self.thread.is_alive()):
-                self.thread = threading.Thread(target=watch, name="log-watcher", daemon=True)
-                self.thread.start()
-            self.changed.notify_all()  # wake the watcher if it was idle
-            try:
-                while self.head <= since and not self.closed:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        return False
-                    self.changed.wait(remaining)
-                return self.head > since and not self.closed
-            finally:
-                self.waiting -= 1
+    def hold(self, user_id: int, page: dict[str, Any], limit: int, deadline: float, environ: dict) -> Any:
+        """Hold an empty page until something its user may see arrives. Returns the answer's page,
+        REREAD, or None when the wait ends, the client goes or the server stops (answer `page`)."""
+        with self.lock:
+            if self.closed:
+                return None
+            poll = HeldPoll(user_id, page, limit, self.reads_begun)
+            self.start_threads()
+            idle = self.count == 0
+            self.next_from = poll.cursor if idle or self.next_from is None else min(self.next_from, poll.cursor)
+            seen = poll.changes_seen
+            self.next_changes_from = seen if idle or self.next_changes_from is None else min(self.next_changes_from, seen)
+            self.count += 1
+            self.smallest_limit = min(self.smallest_limit, limit)
+            for sync_group in poll.sync_groups:
+                self.by_group[sync_group].add(poll)
+            self.by_user[user_id].add(poll)
+            if poll.cursor < self.head or poll.changes_seen < self.changes_head:
+                self.read_again()  # the last read went past its page's snapshot before it was held
+        stop_watching = event_loop.when_client_leaves(environ, lambda: poll.wake(None))
+        try:
+            poll.woken.wait(max(0.0, deadline - time.monotonic()))
+        finally:
+            stop_watching()
+            if self.closed:
+                event_loop.last_answer(environ)
+            with self.lock:
+                self.forget(poll)
+                if poll.answer is None and self.reads_done > poll.reads_before and self.head > poll.cursor:
+                    # Every read since it was held covered it, and none concerned it: its cursor moves past them.
+                    page["lastSyncId"] = min(self.head, poll.cursor + poll.limit)
+        return poll.answer
 
-    def advance(self, head: int) -> None:
-        with self.changed:
-            if head > self.head:
-                self.head = head
-                self.changed.notify_all()
+    def forget(self, poll: HeldPoll) -> None:
+        if poll not in self.by_user.get(poll.user_id, ()):
+            return
+        self.count -= 1
+        if self.count == 0:
+            self.smallest_limit = math.inf
+        for key, index in ((poll.user_id, self.by_user), *((group, self.by_group) for group in poll.sync_groups)):
+            index[key].discard(poll)
+            if not index[key]:
+                del index[key]
+
+    def wake_all(self) -> None:
+        """The log may have grown: a commit of this process calls it, and the watchers."""
+        self.log_changed.set()
 
     def close(self) -> None:
-        with self.changed:
+        """Answer every held poll now, for a quick shutdown."""
+        with self.lock:
             self.closed = True
-            self.changed.notify_all()
+            polls = {poll for user_polls in self.by_user.values() for poll in user_polls}
+        for poll in polls:
+            poll.wake(None)
+        self.log_changed.set()
 
-    def listen(self) -> None:
-        pooled = self.engine.raw_connection()
-        listener = pooled.driver_connection
-        pooled.detach()  # this one stays with the watcher
+    # --- The reader: one per process ------------------------------------------------------------
+
+    def read_again(self) -> None:
+        self.read_due = True
+        self.log_changed.set()
+
+    def start_threads(self) -> None:
+        if self.threads:
+            return
+        if self.sqlite_file is None:
+            targets = [self.read_forever, self.listen]
+        else:
+            self.inotify = commit_bell(self.bell)
+            targets = [self.read_forever] + ([self.watch] if self.inotify else [])
+        self.threads = [threading.Thread(target=target, name=target.__name__, daemon=True) for target in targets]
+        for thread in self.threads:
+            thread.start()
+
+    def read_forever(self) -> None:
+        connection, data_version = self.connect(), None
+        # Without inotify (not Linux), another process's commit is seen by asking SQLite every
+        # interval_s. With it, only this app's writers ring: a sqlite3 shell's commit waits for the next.
+        interval_s = self.interval_s if self.sqlite_file and not self.inotify else None
         try:
-            listener.execute("LISTEN sync_log")
-            schema, head = listener.execute("SELECT current_schema(), coalesce(max(id), 0) FROM sync_action").fetchone()
-            self.advance(head)
             while not self.closed:
-                for notification in listener.notifies(timeout=1.0):
-                    # Another schema's syncIds are not this log's: counted, a held poll would spin.
-                    of_schema, _, sync_id = notification.payload.rpartition(" ")
-                    if of_schema == schema:
-                        self.advance(int(sync_id))
-        finally:
-            listener.close()
-
-    def watch(self) -> None:
-        connection = sqlite3.connect(self.sqlite_file, isolation_level=None)
-        try:
-            version = None
-            while True:
-                with self.changed:
-                    while not self.waiting and not self.closed:
-                        self.changed.wait()
-                    if self.closed:
-                        return
-                new_version = connection.execute("PRAGMA data_version").fetchone()[0]
-                if new_version != version:
-                    version = new_version
-                    self.advance(connection.execute("SELECT coalesce(max(id), 0) FROM sync_action").fetchone()[0])
-                with self.changed:
-                    self.changed.wait(self.interval_s)  # or less, on close
+                self.log_changed.wait(interval_s if self.count else None)
+                self.log_changed.clear()
+                if self.sqlite_file and self.count:
+                    # Changed by every commit of another connection since this one last asked.
+                    version = connection.execute("PRAGMA data_version").fetchone()[0]
+                    if version == data_version and not self.read_due:
+                        continue
+                    data_version = version
+                with self.lock:
+                    if self.closed or not self.count:
+                        continue
+                    self.read_due = False
+                    start, changes_start = self.next_from, self.next_changes_from
+                    self.next_from = self.next_changes_from = None
+                    self.reads_begun += 1
+                head, changes_head, changes, actions = self.read(connection, start, changes_start)
+                with self.lock:
+                    self.dispatch(start, head, changes_start, changes, actions)
+                    self.next_from = head if self.next_from is None else min(self.next_from, head)
+                    self.next_changes_from = changes_head if self.next_changes_from is None else min(self.next_changes_from, changes_head)
+                    self.reads_done, self.head, self.changes_head = self.reads_begun, head, changes_head
+                    if self.next_from < head or self.next_changes_from < changes_head or head == start + MAX_READ:
+                        self.read_again()  # for polls held during the read, or for the rest of a long run
         finally:
             connection.close()
+
+    def connect(self):
+        if self.sqlite_file:
+            connection = sqlite3.connect(self.sqlite_file, isolation_level=None, check_same_thread=False)
+            connection.execute("PRAGMA busy_timeout = 2000")
+            return connection
+        pooled = self.engine.raw_connection()
+        connection = postgres.PostgresConnection(pooled)
+        pooled.detach()  # this one stays with the reader
+        return connection
+
+    def read(self, connection, start: int, changes_start: int) -> tuple[int, int, list, list]:
+        """The new actions, with their sync groups, and the membership changes, in one snapshot."""
+        connection.execute("BEGIN" if self.sqlite_file else postgres.BEGIN_READ)
+        try:
+            head, changes_head = connection.execute(BOUNDS).fetchone()
+            head = min(head, start + MAX_READ)
+            changes = connection.execute(MEMBERSHIP_CHANGES, (changes_start, changes_head)).fetchall()
+            actions = connection.execute(self.new_actions_sql, (start, head)).fetchall() if head > start else []
+        finally:
+            connection.execute("COMMIT")
+        self.page_reads += 1
+        return head, changes_head, changes, actions
+
+    def dispatch(self, start: int, head: int, changes_start: int, changes: list, actions: list) -> None:
+        """Answer each poll that the read concerns. A poll held during the read, from a cursor
+        before it or membership changes it did not cover, waits for the next one."""
+
+        def covered(poll: HeldPoll) -> bool:
+            return poll.cursor >= start and poll.changes_seen >= changes_start and not poll.woken.is_set()
+
+        for change_id, user_id in changes:
+            for user_polls in list(self.by_user.values()) if user_id is None else [self.by_user.get(user_id, ())]:
+                for poll in user_polls:
+                    if covered(poll) and poll.changes_seen < change_id:
+                        poll.wake(REREAD)
+        found: dict[HeldPoll, list[str]] = {}
+        for sync_id, wire, sync_groups in actions:
+            concerned = set().union(*(self.by_group.get(sync_group, ()) for sync_group in sync_groups.split(",")))
+            for poll in concerned:
+                if sync_id > poll.cursor and sync_id <= poll.cursor + poll.limit and covered(poll):
+                    found.setdefault(poll, []).append(wire)
+        if head - start > self.smallest_limit:  # polls whose pages fill up with actions they may not see
+            for polls in self.by_user.values():
+                found.update((poll, found.get(poll, [])) for poll in polls if head > poll.cursor + poll.limit and covered(poll))
+        for poll, wires in found.items():
+            last_sync_id = min(head, poll.cursor + poll.limit)
+            poll.wake({"sync": ",".join(wires), "lastSyncId": last_sync_id, "syncGroups": poll.sync_groups_json,
+                       "hasMore": last_sync_id < head})
+
+    def watch(self) -> None:
+        """SQLite on Linux: after each commit writer.py touches a file, and inotify tells every process."""
+        try:
+            while not self.closed:
+                if self.inotify.read(timeout=1000) and self.count:
+                    self.log_changed.set()
+        finally:
+            self.inotify.close()
+
+    def listen(self) -> None:
+        """PostgreSQL: every write transaction notifies at COMMIT (postgres.notify_log), on every app server."""
+        pooled = self.engine.raw_connection()
+        listener = pooled.driver_connection
+        pooled.detach()
+        try:
+            listener.execute("LISTEN sync_log")
+            (schema,) = listener.execute("SELECT current_schema()").fetchone()
+            self.log_changed.set()
+            while not self.closed:
+                # Another schema's notifications are another log's.
+                if any(notification.payload == schema for notification in listener.notifies(timeout=1.0)):
+                    self.log_changed.set()
+        finally:
+            listener.close()

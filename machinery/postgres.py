@@ -62,17 +62,21 @@ def lock_schema(db_connection) -> None:
     db_connection.execute("SELECT pg_advisory_xact_lock(?)", (SCHEMA_LOCK,))
 
 
-def notify_log(db_connection, sync_id: int) -> None:
+def notify_log(db_connection) -> None:
     """Delivered at COMMIT to every listener of the database, so it names its schema: see long_poll.py."""
-    db_connection.execute("SELECT pg_notify('sync_log', current_schema() || ' ' || ?)", (str(sync_id),))
+    db_connection.execute("SELECT pg_notify('sync_log', current_schema())")
 
 
 def start_log_after(db_connection, sync_id: int) -> None:
     db_connection.execute("SELECT setval(pg_get_serial_sequence('sync_action', 'id'), ?)", (sync_id,))
 
 
+# A sync action as the wire's JSON. Written out, not json_build_object, whose text has spaces around every colon.
+WIRE_ACTION = """'{"syncId":' || id || ',"action":' || to_json(action) || ',"modelName":' || to_json(model_name)
+            || ',"modelId":' || to_json(model_id) || coalesce(',"data":' || nullif(data, 'null'), '') || '}'"""
+
 # app.py's PAGE_SQLITE, said in PostgreSQL's dialect; a single statement reads one snapshot here too.
-PAGE = """
+PAGE = f"""
 WITH log AS (
     SELECT log_start, coalesce((SELECT max(id) FROM sync_action), log_start) AS head
     FROM (SELECT coalesce((SELECT after_sync_id FROM sync_log_start), 0) AS log_start) AS start
@@ -85,16 +89,13 @@ page AS (
 )
 SELECT log_start, head, cursor,
     (SELECT array_to_json(array_agg(sync_group ORDER BY sync_group <> 'all', sync_group))::text FROM caller_groups),
-    -- Written out, not json_build_object, whose text has spaces around every colon.
-    (SELECT coalesce(string_agg(
-        '{"syncId":' || id || ',"action":' || to_json(action) || ',"modelName":' || to_json(model_name)
-            || ',"modelId":' || to_json(model_id) || coalesce(',"data":' || nullif(data, 'null'), '') || '}',
-        ',' ORDER BY id), '')
+    (SELECT coalesce(string_agg({WIRE_ACTION}, ',' ORDER BY id), '')
      FROM sync_action
      WHERE id IN (
          SELECT sync_action_id FROM sync_action_group
          WHERE sync_group IN (SELECT sync_group FROM caller_groups)
            AND sync_action_id > %(since)s AND sync_action_id <= (SELECT cursor FROM page)
-     ))
+     )),
+    (SELECT coalesce(max(id), 0) FROM membership_change)
 FROM log, page
 """

@@ -19,6 +19,7 @@ tests/test_postgres.py (serialization failures) and tests/test_portability.py
 
 from __future__ import annotations
 
+import contextvars
 import os
 import random
 import threading
@@ -28,6 +29,7 @@ from typing import Any, TypeVar
 
 from machinery.database import DbConnection, connection, flavour, is_retryable
 from machinery.errors import database_busy
+from machinery.event_loop import off_the_loop
 
 try:
     import fcntl
@@ -49,6 +51,7 @@ class Writer:
         self.lock = WriteLock(sqlite_file)
         # On SQLite only writers outside this app (a sqlite3 shell, another tool) make it busy; on PostgreSQL
         # conflicting transactions retry at once, and jitter keeps them from colliding again.
+        self.postgres = postgres
         prefix = "SERIALIZATION" if postgres else "BUSY"
         self.retries, self.backoff_s, self.jitter = config[f"{prefix}_RETRIES"], config[f"{prefix}_BACKOFF_S"], postgres
         self.changed = threading.Condition()
@@ -66,7 +69,10 @@ class Writer:
             self.committing = True
             batch, self.queued = self.queued, []
         try:
-            self.commit(batch, connection())
+            if self.postgres:
+                self.commit(batch, connection())  # psycopg waits for the server cooperatively
+            else:  # the write lock, the busy handler and fsync would stop an event loop (event_loop.py)
+                off_the_loop(self.commit, batch, connection())
         finally:
             with self.changed:
                 for waiting in batch:  # never leave a thread without an answer
@@ -111,13 +117,14 @@ class Write:
 
     def __init__(self, work: Callable[[DbConnection], Any]):
         self.work, self.done = work, False
+        self.context = contextvars.copy_context()  # its request's, wherever the batch is committed
         self.result: Any = None
         self.error: BaseException | None = None
 
     def apply(self, db_connection: DbConnection) -> None:
         db_connection.execute("SAVEPOINT write")
         try:
-            self.result, self.error = self.work(db_connection), None
+            self.result, self.error = self.context.run(self.work, db_connection), None
         except Exception as error:
             if is_retryable(error):
                 raise  # the whole transaction is retried
@@ -162,4 +169,5 @@ class WriteLock:
 
     def __exit__(self, *_) -> None:
         if self.path is not None:
+            os.utime(self.file)  # after COMMIT: the bell that other processes' held polls listen for (long_poll.py)
             fcntl.flock(self.file, fcntl.LOCK_UN)

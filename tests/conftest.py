@@ -135,6 +135,6 @@ def base_url(app):
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.port}"
-    app.extensions["log_watcher"].close()  # answer held long polls now, not after their wait
+    app.extensions["held_polls"].close()  # answer held long polls now, not after their wait
     server.shutdown()
     thread.join()

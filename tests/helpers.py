@@ -71,10 +71,10 @@ def shut_down(app) -> None:
     """Release what an app holds, so that its database can be dropped: its
     watcher's thread, if a held poll started one, ends and lets go of its
     connection, and the pool closes the rest."""
-    watcher = app.extensions["log_watcher"]
-    watcher.close()
-    if watcher.thread is not None:
-        watcher.thread.join(timeout=5)
+    held_polls = app.extensions["held_polls"]
+    held_polls.close()
+    for thread in held_polls.threads:
+        thread.join(timeout=5)
     with app.app_context():
         db.engine.dispose()
 

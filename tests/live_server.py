@@ -40,7 +40,7 @@ def main() -> None:
         threading.Thread(target=server.serve_forever, daemon=True).start()
         print(json.dumps({"baseUrl": f"http://127.0.0.1:{server.port}", "tokens": tokens}), flush=True)
         sys.stdin.read()
-        app.extensions["log_watcher"].close()  # answer held long polls at once
+        app.extensions["held_polls"].close()  # answer held long polls at once
         server.shutdown()
         with app.app_context():
             db.engine.dispose()

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-WORKERS, THREADS = 4, 4  # two processes a core: see docs/performance.md
+WORKERS = 4  # two processes a core, each a gevent worker (gunicorn.conf.py): see docs/performance.md
 # Servers (gunicorn masters, each on its own port) sharing one database in the
 # load and crash tests: several app servers in front of one PostgreSQL database,
 # as it is deployed; one on a SQLite file, as docs/testing.md's table describes.
@@ -27,7 +27,7 @@ SERVERS = {"sqlite": 1, "postgresql": 2}
 
 
 class Gunicorn:
-    """`gunicorn --workers 4 --threads 4 'app:create_app()'` on a free port, on one database.
+    """`gunicorn --workers 4 'app:create_app()'` on a free port, on one database, the rest from gunicorn.conf.py.
     The tests' servers check each response against the contract (tests/contract.py)."""
 
     def __init__(self, database_url: str, log_path: Path, workers: int = WORKERS, app: str = "contract:checked_app()", flags: bool = True):
@@ -42,8 +42,7 @@ class Gunicorn:
         start = self.log_path.stat().st_size
         command, environment = [sys.executable, "-m", "gunicorn"], {**os.environ, "DATABASE_URL": self.database_url}
         if self.flags:
-            command += ["--workers", str(self.workers), "--threads", str(THREADS), "--bind", "127.0.0.1:0", "--graceful-timeout", "5",
-                        "--pythonpath", "tests"]
+            command += ["--workers", str(self.workers), "--bind", "127.0.0.1:0", "--graceful-timeout", "5", "--pythonpath", "tests"]
         else:
             environment["GUNICORN_CMD_ARGS"] = "--bind 127.0.0.1:0 --pythonpath tests"
         self.process = subprocess.Popen(

@@ -146,8 +146,7 @@ def test_a_database_locked_by_another_writer_is_503_network_with_retry_after(dat
 
 def test_an_exhausted_connection_pool_is_503_network_with_retry_after_and_writes_nothing(database_url):
     """A transient fault: the client retries on network, where a 500 (type server) would make it roll back."""
-    pool = {"pool_size": 1, "max_overflow": 0, "pool_timeout": 0.2}
-    app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": database_url, "SQLALCHEMY_ENGINE_OPTIONS": pool})
+    app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": database_url, "POOL_SIZE": 1, "POOL_TIMEOUT_S": 0.2})
     client = sign_in(app)
     mutate(client, group("g1"))
     before = snapshot(app)

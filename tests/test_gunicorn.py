@@ -34,7 +34,7 @@ def documented_server(database_url, tmp_path):
 def test_the_documented_command_takes_its_settings_from_gunicorn_conf(documented_server, tmp_path):
     server, token = documented_server
     log = (tmp_path / "gunicorn.log").read_text()
-    assert "Using worker: gthread" in log
+    assert "Using worker: gevent" in log
     assert log.count("Booting worker") == 2 * multiprocessing.cpu_count()
     status, _, answer = Api(server, token).request("GET", "/sync")
     assert status == 200 and wire(answer["syncGroups"]) == wire(["all"])

@@ -32,7 +32,7 @@ from helpers import (
     wire,
 )
 from models import db
-from servers import SERVERS, THREADS, WORKERS, Api, running
+from servers import SERVERS, WORKERS, Api, running
 
 WRITERS, POLLERS = 16, 8
 TRANSACTIONS = int(os.environ.get("LOAD_TRANSACTIONS", 800))
@@ -130,6 +130,6 @@ def test_load_through_gunicorn_loses_duplicates_and_reorders_nothing(world, engi
 
     print(
         f"\nload held: {len(acknowledged)} transactions ({len(log)} actions, head {log[-1]['syncId']}) from {WRITERS} "
-        f"writers, {sum(polls)} polls from {POLLERS} pollers, {len(servers)} x gunicorn {WORKERS} workers x {THREADS} "
-        f"threads on {engine}; {len(acknowledged) / writing:.0f} transactions/s; {statuses.count(503)} answers 503, each then retried"
+        f"writers, {sum(polls)} polls from {POLLERS} pollers, {len(servers)} x gunicorn {WORKERS} gevent workers "
+        f"on {engine}; {len(acknowledged) / writing:.0f} transactions/s; {statuses.count(503)} answers 503, each then retried"
     )

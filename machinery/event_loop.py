@@ -1,0 +1,85 @@
+"""What the gevent worker (gunicorn.conf.py) needs of the app, and nothing else does.
+
+Under gunicorn's gevent worker every request is a greenlet on one event loop
+per process, so a held poll costs a socket and a few kilobytes, not a thread.
+gevent's monkey-patching makes sockets, locks, sleeps and psycopg (3.1.14 and
+later) give way to other greenlets while they wait. Two things would still
+stop the whole loop, so they run in gevent's thread pool instead: a SQLite
+write transaction, which may wait for the cross-process write lock (flock),
+for the busy handler and for fsync; see writer.py. SQLite reads stay on the
+loop: in WAL mode they never wait for a lock, and each is one short statement.
+Under the threaded servers (`flask run`, gthread) both functions do nothing.
+Proved by tests/test_long_poll.py (a client that leaves frees its poll;
+thousands of held polls never delay a mutation) and tests/test_gunicorn.py.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def patched() -> bool:
+    monkey = sys.modules.get("gevent.monkey")
+    return monkey is not None and monkey.is_module_patched("threading")
+
+
+def off_the_loop(work: Callable[..., T], *args: Any) -> T:
+    """Run `work` in a thread of gevent's pool, in this greenlet's context (Flask's app and request),
+    this greenlet waiting and the loop going on."""
+    if not patched():
+        return work(*args)
+    import gevent
+
+    return gevent.get_hub().threadpool.apply(contextvars.copy_context().run, (work, *args))
+
+
+def when_client_leaves(environ: dict, callback: Callable[[], None]) -> Callable[[], None]:
+    """Call `callback` once if the client closes its connection; returns what stops watching.
+
+    A client waiting for its answer sends nothing, so its socket turning readable
+    means it closed (or, rarely, pipelined its next request: then watching stops)."""
+    client = environ.get("gunicorn.socket")
+    if client is None or not patched():
+        return lambda: None
+    import gevent
+    from gevent.monkey import get_original
+
+    fileno = client.fileno()
+    watcher = gevent.get_hub().loop.io(fileno, 1)  # 1: readable
+
+    def readable() -> None:
+        # In the loop's own callback nothing may wait: peek through the unpatched socket.
+        watcher.stop()
+        peek = get_original("socket", "socket")(fileno=fileno)
+        try:
+            gone = peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            watcher.start(readable)  # nothing there after all
+            return
+        except OSError:
+            gone = True
+        finally:
+            peek.detach()  # the fd stays the server's
+        if gone:
+            callback()
+
+    watcher.start(readable)
+    return watcher.close
+
+
+def last_answer(environ: dict) -> None:
+    """The connection closes once this answer is sent: its client will reconnect to a running server.
+    (A keep-alive connection waiting for its next request would hold a stopping worker for
+    gunicorn's graceful_timeout.)"""
+    client = environ.get("gunicorn.socket")
+    if client is not None:
+        try:
+            client.shutdown(socket.SHUT_RD)  # the next read finds the end: gunicorn closes the connection
+        except OSError:
+            pass
