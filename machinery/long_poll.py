@@ -131,8 +131,9 @@ class HeldPolls:
             for sync_group in poll.sync_groups:
                 self.by_group[sync_group].add(poll)
             self.by_user[user_id].add(poll)
-            if poll.cursor < self.head or poll.changes_seen < self.changes_head:
-                self.read_again()  # the last read went past its page's snapshot before it was held
+            if idle or poll.cursor < self.head or poll.changes_seen < self.changes_head:
+                # With no poll held, commits go unwatched; or the last read went past its page's snapshot.
+                self.read_again()
         stop_watching = event_loop.when_client_leaves(environ, lambda: poll.wake(None))
         try:
             poll.woken.wait(max(0.0, deadline - time.monotonic()))
@@ -247,10 +248,13 @@ class HeldPolls:
 
     def dispatch(self, start: int, head: int, changes_start: int, changes: list, actions: list) -> None:
         """Answer each poll that the read concerns. A poll held during the read, from a cursor
-        before it or membership changes it did not cover, waits for the next one."""
+        before its start or membership changes it did not cover, waits for the next one."""
 
         def covered(poll: HeldPoll) -> bool:
-            return poll.cursor >= start and poll.changes_seen >= changes_start and not poll.woken.is_set()
+            # Held before this read began: every read since then started where the last ended, the first
+            # at or below its cursor. Held during it: only if the read started at or below its cursor.
+            held_before = poll.reads_before < self.reads_begun
+            return (held_before or poll.cursor >= start and poll.changes_seen >= changes_start) and not poll.woken.is_set()
 
         for change_id, user_id in changes:
             for user_polls in list(self.by_user.values()) if user_id is None else [self.by_user.get(user_id, ())]:
