@@ -243,7 +243,7 @@ def mutate():
     mutation = load(shared(MutateSchema), body)
     transaction = (mutation["changes"], g.user_id, mutation.get("transaction_id"), fingerprint(body["changes"]))
     last_sync_id = in_write_transaction(lambda db_connection: apply_transaction(db_connection, *transaction))
-    held_polls().wake_all()  # this process's held polls see it now, not at their next check
+    held_polls().log_may_have_grown()  # this process's held polls see it now, not at their next check
     return {"lastSyncId": last_sync_id}
 
 

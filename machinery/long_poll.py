@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sqlite3
 import threading
 import time
 from collections import defaultdict
@@ -46,11 +45,11 @@ def commit_bell(bell: str | None):
     """inotify on the file that writer.py touches after each commit, or None where there is none.
     (The write-ahead log itself is written before its commit is visible.) Imported here, after the
     gevent worker patched `select`, so that waiting for it cooperates."""
+    if bell is None:
+        return None
     try:
         from inotify_simple import INotify, flags
     except (ImportError, OSError, AttributeError):  # not installed, or no inotify in this C library
-        return None
-    if bell is None:
         return None
     os.close(os.open(bell, os.O_RDWR | os.O_CREAT, 0o600))
     inotify = INotify(nonblocking=True)
@@ -159,8 +158,8 @@ class HeldPolls:
             if not index[key]:
                 del index[key]
 
-    def wake_all(self) -> None:
-        """The log may have grown: a commit of this process calls it, and the watchers."""
+    def log_may_have_grown(self) -> None:
+        """A commit of this process calls it: its reader reads now, not at the next signal."""
         self.log_changed.set()
 
     def close(self) -> None:
@@ -224,12 +223,9 @@ class HeldPolls:
             connection.close()
 
     def connect(self):
-        if self.sqlite_file:
-            connection = sqlite3.connect(self.sqlite_file, isolation_level=None, check_same_thread=False)
-            connection.execute("PRAGMA busy_timeout = 2000")
-            return connection
+        """A connection of the reader's own, set up as the pool's are (database.configure_database)."""
         pooled = self.engine.raw_connection()
-        connection = postgres.PostgresConnection(pooled)
+        connection = pooled.driver_connection if self.sqlite_file else postgres.PostgresConnection(pooled)
         pooled.detach()  # this one stays with the reader
         return connection
 
