@@ -30,10 +30,12 @@ graceful_timeout = 10
 def post_worker_init(worker):
     graceful_exit = signal.getsignal(signal.SIGTERM)
 
+    from machinery import event_loop
+
     def release_held_polls_then_exit(signum, frame):
+        graceful_exit(signum, frame)  # marks the worker as stopping, nothing more
         held_polls = getattr(worker.wsgi, "extensions", {}).get("held_polls")
         if held_polls is not None:
-            held_polls.close()
-        graceful_exit(signum, frame)
+            event_loop.outside_signal_handler(held_polls.close)
 
     signal.signal(signal.SIGTERM, release_held_polls_then_exit)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextvars
 import socket
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -37,6 +38,18 @@ def off_the_loop(work: Callable[..., T], *args: Any) -> T:
     import gevent
 
     return gevent.get_hub().threadpool.apply(contextvars.copy_context().run, (work, *args))
+
+
+def outside_signal_handler(work: Callable[[], None]) -> None:
+    """Run `work` soon, in a greenlet (or thread) of its own. A signal handler runs inside whatever
+    was running, the event loop included, where waiting for a lock fails; and a second SIGTERM
+    (gunicorn's master sends one of its own) would find the first holding it."""
+    if patched():
+        import gevent
+
+        gevent.spawn(work)
+    else:
+        threading.Thread(target=work, daemon=True).start()
 
 
 def when_client_leaves(environ: dict, callback: Callable[[], None]) -> Callable[[], None]:

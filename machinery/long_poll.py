@@ -118,6 +118,7 @@ class HeldPolls:
         REREAD, or None when the wait ends, the client goes or the server stops (answer `page`)."""
         with self.lock:
             if self.closed:
+                event_loop.last_answer(environ)
                 return None
             poll = HeldPoll(user_id, page, limit, self.reads_begun)
             self.start_threads()
