@@ -52,6 +52,15 @@ def outside_signal_handler(work: Callable[[], None]) -> None:
         threading.Thread(target=work, daemon=True).start()
 
 
+def after_waiting_requests() -> None:
+    """Wait until the loop has served what was already waiting on it (requests that arrived, commits
+    that finished) before going on: a long run of work of one greenlet does not hold them all."""
+    if patched():
+        import gevent
+
+        gevent.idle()
+
+
 def when_client_leaves(environ: dict, callback: Callable[[], None]) -> Callable[[], None]:
     """Call `callback` once if the client closes its connection; returns what stops watching.
 

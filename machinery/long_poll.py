@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import threading
 import time
 from collections import defaultdict
@@ -30,8 +29,10 @@ from sqlalchemy.engine import Engine
 
 from machinery import event_loop, postgres
 from machinery.database import flavour
+from machinery.writer import commit_bell
 
 REREAD = "reread"  # hold's answer when the poll must read its page again: its user's groups changed, or init-db ran
+WAKE_AT_ONCE = 50  # polls answered between two turns of the event loop
 MAX_READ = 5000  # actions read at a time; a poll's page is at most this many syncIds (app.py's MAX_LIMIT)
 
 BOUNDS = """SELECT coalesce((SELECT max(id) FROM sync_action), (SELECT after_sync_id FROM sync_log_start), 0),
@@ -39,22 +40,6 @@ BOUNDS = """SELECT coalesce((SELECT max(id) FROM sync_action), (SELECT after_syn
 MEMBERSHIP_CHANGES = "SELECT id, user_id FROM membership_change WHERE id > ? AND id <= ? ORDER BY id"
 NEW_ACTIONS = """SELECT id, {wire_action}, (SELECT {concat_groups} FROM sync_action_group WHERE sync_action_id = sync_action.id)
 FROM sync_action WHERE id > ? AND id <= ? ORDER BY id"""
-
-
-def commit_bell(bell: str | None):
-    """inotify on the file that writer.py touches after each commit, or None where there is none.
-    (The write-ahead log itself is written before its commit is visible.) Imported here, after the
-    gevent worker patched `select`, so that waiting for it cooperates."""
-    if bell is None:
-        return None
-    try:
-        from inotify_simple import INotify, flags
-    except (ImportError, OSError, AttributeError):  # not installed, or no inotify in this C library
-        return None
-    os.close(os.open(bell, os.O_RDWR | os.O_CREAT, 0o600))
-    inotify = INotify(nonblocking=True)
-    inotify.add_watch(bell, flags.ATTRIB)
-    return inotify
 
 
 def held_polls() -> HeldPolls:
@@ -143,10 +128,11 @@ class HeldPolls:
                 event_loop.last_answer(environ)
             with self.lock:
                 self.forget(poll)
-                if poll.answer is None and self.reads_done > poll.reads_before and self.head > poll.cursor:
+                answer = poll.answer  # set by a read under this lock, maybe not yet told (read_forever)
+                if answer is None and self.reads_done > poll.reads_before and self.head > poll.cursor:
                     # Every read since it was held covered it, and none concerned it: its cursor moves past them.
                     page["lastSyncId"] = min(self.head, poll.cursor + poll.limit)
-        return poll.answer
+        return answer
 
     def forget(self, poll: HeldPoll) -> None:
         if poll not in self.by_user.get(poll.user_id, ()):
@@ -184,7 +170,7 @@ class HeldPolls:
         if self.sqlite_file is None:
             targets = [self.read_forever, self.listen]
         else:
-            self.inotify = commit_bell(self.bell)
+            self.inotify = commit_bell(self.bell)  # writer.py
             targets = [self.read_forever] + ([self.watch] if self.inotify else [])
         self.threads = [threading.Thread(target=target, name=target.__name__, daemon=True) for target in targets]
         for thread in self.threads:
@@ -214,12 +200,17 @@ class HeldPolls:
                     self.reads_begun += 1
                 head, changes_head, changes, actions = self.read(connection, start, changes_start)
                 with self.lock:
-                    self.dispatch(start, head, changes_start, changes, actions)
+                    answered = self.dispatch(start, head, changes_start, changes, actions)
                     self.next_from = head if self.next_from is None else min(self.next_from, head)
                     self.next_changes_from = changes_head if self.next_changes_from is None else min(self.next_changes_from, changes_head)
                     self.reads_done, self.head, self.changes_head = self.reads_begun, head, changes_head
                     if self.next_from < head or self.next_changes_from < changes_head or head == start + MAX_READ:
                         self.read_again()  # for polls held during the read, or for the rest of a long run
+                for first in range(0, len(answered), WAKE_AT_ONCE):
+                    for poll in answered[first:first + WAKE_AT_ONCE]:
+                        poll.woken.set()
+                    # A write to `all` wakes every poll: requests already waiting (a mutation's) go first.
+                    event_loop.after_waiting_requests()
         finally:
             connection.close()
 
@@ -243,21 +234,23 @@ class HeldPolls:
         self.page_reads += 1
         return head, changes_head, changes, actions
 
-    def dispatch(self, start: int, head: int, changes_start: int, changes: list, actions: list) -> None:
-        """Answer each poll that the read concerns. A poll held during the read, from a cursor
-        before its start or membership changes it did not cover, waits for the next one."""
+    def dispatch(self, start: int, head: int, changes_start: int, changes: list, actions: list) -> list:
+        """Answer each poll that the read concerns; returns them, to be told outside the lock. A poll held
+        during the read, from a cursor before its start or changes it did not cover, waits for the next."""
+        answered = []
 
         def covered(poll: HeldPoll) -> bool:
             # Held before this read began: every read since then started where the last ended, the first
             # at or below its cursor. Held during it: only if the read started at or below its cursor.
             held_before = poll.reads_before < self.reads_begun
-            return (held_before or poll.cursor >= start and poll.changes_seen >= changes_start) and not poll.woken.is_set()
+            return (held_before or poll.cursor >= start and poll.changes_seen >= changes_start) and poll.answer is None
 
         for change_id, user_id in changes:
             for user_polls in list(self.by_user.values()) if user_id is None else [self.by_user.get(user_id, ())]:
                 for poll in user_polls:
                     if covered(poll) and poll.changes_seen < change_id:
-                        poll.wake(REREAD)
+                        poll.answer = REREAD
+                        answered.append(poll)
         found: dict[HeldPoll, list[str]] = {}
         for sync_id, wire, sync_groups in actions:
             concerned = set().union(*(self.by_group.get(sync_group, ()) for sync_group in sync_groups.split(",")))
@@ -269,8 +262,9 @@ class HeldPolls:
                 found.update((poll, found.get(poll, [])) for poll in polls if head > poll.cursor + poll.limit and covered(poll))
         for poll, wires in found.items():
             last_sync_id = min(head, poll.cursor + poll.limit)
-            poll.wake({"sync": ",".join(wires), "lastSyncId": last_sync_id, "syncGroups": poll.sync_groups_json,
-                       "hasMore": last_sync_id < head})
+            poll.answer = {"sync": ",".join(wires), "lastSyncId": last_sync_id, "syncGroups": poll.sync_groups_json,
+                           "hasMore": last_sync_id < head}
+        return answered + list(found)
 
     def watch(self) -> None:
         """SQLite on Linux: after each commit writer.py touches a file, and inotify tells every process."""

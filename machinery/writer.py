@@ -171,3 +171,19 @@ class WriteLock:
         if self.path is not None:
             os.utime(self.file)  # after COMMIT: the bell that other processes' held polls listen for (long_poll.py)
             fcntl.flock(self.file, fcntl.LOCK_UN)
+
+
+def commit_bell(bell: str | None):
+    """inotify on the file that WriteLock touches after each commit, or None where there is none.
+    (The write-ahead log itself is written before its commit is visible.) Imported here, after the
+    gevent worker patched `select`, so that waiting for it cooperates."""
+    if bell is None:
+        return None
+    try:
+        from inotify_simple import INotify, flags
+    except (ImportError, OSError, AttributeError):  # not installed, or no inotify in this C library
+        return None
+    os.close(os.open(bell, os.O_RDWR | os.O_CREAT, 0o600))
+    inotify = INotify(nonblocking=True)
+    inotify.add_watch(bell, flags.ATTRIB)
+    return inotify

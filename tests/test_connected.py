@@ -2,8 +2,8 @@
 production settings (gunicorn.conf.py's gevent worker) many held polls never
 delay a mutation; a commit wakes only the polls of its sync groups, answered
 from one read per process; a membership change ends its user's held poll
-with the new groups, on every server; a client that leaves frees its poll; a
-shutdown answers thousands at once. (How fast, at 10,000 clients, is
+with the new groups, on every server; a client that leaves frees its poll, and a
+slow one holds only its own connection; a shutdown answers thousands at once. (How fast, at 10,000 clients, is
 bench/connected.py's row, measured and not asserted.)"""
 
 from __future__ import annotations
@@ -109,6 +109,39 @@ def test_held_polls_far_beyond_the_old_thread_count_never_delay_a_mutation(produ
     assert {wire(body["sync"][0]["syncId"]) for body in bodies} == {wire(answered[0])}
     for body in bodies:  # in order, from the first, none skipped
         assert wire([action["syncId"] for action in body["sync"]]) == wire(answered[: len(body["sync"])]), (body, answered)
+
+
+def test_slow_senders_hold_only_their_own_connections(production):
+    (server, _), ada, _ = production
+    host, port = server.url.removeprefix("http://").split(":")
+    # 64 clients that send their request a header line at a time (under the threaded worker they held every thread)
+    slow = [socket.create_connection((host, int(port)), timeout=30) for _ in range(64)]
+    for client in slow:
+        client.sendall(b"GET /sync HTTP/1.1\r\nHost: x\r\n")
+    others = Api(server, ada)
+
+    answered = []
+    for n in range(8):
+        for client in slow:
+            client.sendall(f"X-Slow-{n}: still sending\r\n".encode())
+        status, _, answer = others.request("POST", "/mutate", {"changes": [todo(f"t{n}", "g1")]})
+        answered.append((status, others.request("GET", "/sync")[0]))
+        time.sleep(0.1)
+
+    # Every other request was answered while all 64 slow requests were still unfinished...
+    assert answered == [(200, 200)] * 8
+    for client in slow:
+        client.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            client.recv(1)  # no answer yet, and not closed
+        client.setblocking(True)
+    # ...and each slow one is served once it is complete.
+    for client in slow:
+        client.sendall(f"Authorization: Bearer {ada}\r\nConnection: close\r\n\r\n".encode())
+    for client in slow:
+        assert client.makefile("rb").readline().startswith(b"HTTP/1.1 200")
+        client.close()
+    others.close()
 
 
 def test_a_commit_wakes_only_the_polls_of_its_groups_from_one_read(app, seeded, base_url, monkeypatch):
