@@ -7,7 +7,8 @@ runs it (tests/servers.py's gunicorn), on a fresh SQLite file holding 100
 groups of clients/100 users, each user in `all` and one group, and a process
 of asyncio clients, one connection each, every one holding
 GET /sync?since=N&wait=25 and polling again the moment it is answered. A writer
-process sends 20 mutations a second to random groups and 1 to `all`. Measured,
+process sends 20 mutations a second to random groups and 1 to `all`
+(`--writes-to-all`: each wakes every client). Measured,
 never asserted: whether every client received each action it may see exactly
 once and nothing else; propagation from a mutation's 200 to each client that
 holds it; mutation latency; the server's memory and CPU, with and without
@@ -73,10 +74,10 @@ def seed(url: str, clients: int) -> tuple[str, list[tuple[str, int]], int]:
 # --- The writer: its own process, so that the clients' work does not delay its clock ----------
 
 
-def write(url: str, token: str, seconds: float, results) -> None:
-    """21 one-change mutations a second, each sent on time however slow the others are answered;
-    puts (syncId or None, sync group, sent, answered) for each."""
-    rate = sum(WRITES_PER_S.values())
+def write(url: str, token: str, seconds: float, to_all: float, results) -> None:
+    """20 one-change mutations a second to groups and `to_all` to `all`, each sent on time however slow
+    the others are answered; puts (syncId or None, sync group, sent, answered) for each."""
+    rate = WRITES_PER_S["group"] + to_all
     local = threading.local()
 
     def one(n: int):
@@ -86,7 +87,7 @@ def write(url: str, token: str, seconds: float, results) -> None:
         if not hasattr(local, "client"):
             local.client = Client(url, token)
             local.client.connection.timeout = GIVE_UP_S
-        if random.random() < WRITES_PER_S["all"] / rate:
+        if random.random() < to_all / rate:
             group, change = "all", {"action": "update", "modelName": "Author", "modelId": "a1", "data": {"name": f"Ada {n}"}}
         else:
             k = random.randrange(GROUPS)
@@ -192,7 +193,7 @@ def clients_process(address: str, clients: list[tuple[str, int]], since: int, fi
 # --- One row ---------------------------------------------------------------------------------------
 
 
-def measure(clients: int, seconds: float, directory: Path, settle_s: float = 5, idle_s: float = 10, drain_s: float = 5) -> dict:
+def measure(clients: int, seconds: float, directory: Path, to_all: float = WRITES_PER_S["all"], settle_s: float = 5, idle_s: float = 10, drain_s: float = 5) -> dict:
     url = f"sqlite:///{directory / f'connected-{clients}.sqlite3'}"
     writer_token, users, head = seed(url, clients)
     # The production command: every setting from gunicorn.conf.py, whose workers are two a core.
@@ -210,7 +211,7 @@ def measure(clients: int, seconds: float, directory: Path, settle_s: float = 5, 
         time.sleep(idle_s)
         idle_cpu = (sum(cpu_seconds(pid) for pid in pids) - idle_cpu) / idle_s
         busy_cpu, writing_since = sum(cpu_seconds(pid) for pid in pids), time.monotonic()
-        writer = context.Process(target=write, args=(server.url, writer_token, seconds, writer_results))
+        writer = context.Process(target=write, args=(server.url, writer_token, seconds, to_all, writer_results))
         writer.start()
         writes = writer_results.get(timeout=seconds + 120)
         writer.join()
@@ -275,8 +276,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--writes-to-all", type=float, default=WRITES_PER_S["all"], help="a second (each wakes every client)")
     options = parser.parse_args()
-    result = measure(options.clients, options.seconds, Path(tempfile.mkdtemp(prefix="loco-connected-")))
+    result = measure(options.clients, options.seconds, Path(tempfile.mkdtemp(prefix="loco-connected-")), options.writes_to_all)
     print(row(result))
     print(json.dumps(result), file=sys.stderr)
 

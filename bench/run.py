@@ -4,7 +4,7 @@
     python bench/run.py --smoke    # tiny sizes, to prove the script works (the tests run this)
 
 It starts its own servers on 127.0.0.1 under the configuration docs/production.md gives
-for production (gunicorn, 4 workers x 4 threads), drives every request-rate row
+for production (gunicorn, 4 gevent workers, gunicorn.conf.py), drives every request-rate row
 with the same load generator (wrk, `apt-get install wrk`) at 16 connections,
 and prints a markdown table: each figure beside its ceiling, measured in the
 same run, and the ratio each target is about. Request rates also give

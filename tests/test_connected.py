@@ -95,7 +95,7 @@ def head_of(server: Gunicorn, token: str) -> int:
 def test_held_polls_far_beyond_the_old_thread_count_never_delay_a_mutation(production):
     (server, other_server), ada, _ = production
     since = head_of(server, ada)
-    polls = HeldPolls(server.url, ada, since, 300)  # gthread's 4 workers x 4 threads held 16
+    polls = HeldPolls(server.url, ada, since, 300)  # the threaded workers of before (4 x 4 threads) held 16
     writer = Api(other_server, ada)  # a commit through another app server wakes them too
     answered = []
     for n in range(5):
