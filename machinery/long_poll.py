@@ -68,10 +68,6 @@ class HeldPoll:
         self.answer: Any = None
         self.woken = threading.Event()
 
-    def wake(self, answer: Any) -> None:
-        self.answer = answer
-        self.woken.set()
-
 
 class HeldPolls:
     """This process's held polls, and the one reader that answers them."""
@@ -119,7 +115,7 @@ class HeldPolls:
             if idle or poll.cursor < self.head or poll.changes_seen < self.changes_head:
                 # With no poll held, commits go unwatched; or the last read went past its page's snapshot.
                 self.read_again()
-        stop_watching = event_loop.when_client_leaves(environ, lambda: poll.wake(None))
+        stop_watching = event_loop.when_client_leaves(environ, poll.woken.set)
         try:
             poll.woken.wait(max(0.0, deadline - time.monotonic()))
         finally:
@@ -155,7 +151,7 @@ class HeldPolls:
             self.closed = True
             polls = {poll for user_polls in self.by_user.values() for poll in user_polls}
         for poll in polls:
-            poll.wake(None)
+            poll.woken.set()  # its answer stays what a read gave it, if one did
         self.log_changed.set()
 
     # --- The reader: one per process ------------------------------------------------------------

@@ -112,6 +112,30 @@ def test_a_poll_held_across_init_db_does_not_continue_into_the_new_database(seed
     assert poll["status"] == 401 and poll["body"]["error"]["code"] == "unauthorized"
 
 
+def test_a_shutdown_between_a_read_and_its_wake_up_keeps_the_answer_the_read_gave(app, seeded, base_url, monkeypatch):
+    held = app.extensions["held_polls"]
+    since = head(seeded)
+    poll = poll_in_background(base_url, seeded.token, f"since={since}&wait=20")
+    deadline = time.monotonic() + 10
+    while held.count < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    real_dispatch = held.dispatch
+
+    class StopFirst(list):  # the server stops after the read answered the poll, before the poll is told
+        def __getitem__(self, index):
+            held.close()
+            return list.__getitem__(self, index)
+
+    monkeypatch.setattr(held, "dispatch", lambda *args: StopFirst(real_dispatch(*args)))
+
+    last_sync_id = mutate(seeded, todo("t2", "g1"))["lastSyncId"]
+
+    finished(poll, 10)
+    # Its answer carries the action; a shutdown must not turn it into an empty page past it.
+    assert wire([a["syncId"] for a in poll["body"]["sync"]]) == wire([last_sync_id])
+    assert wire(poll["body"]["lastSyncId"]) == wire(last_sync_id)
+
+
 def test_a_poll_without_wait_is_never_held(seeded):
     started = time.monotonic()
     assert seeded.get("/sync?since=5").get_json()["sync"] == []
