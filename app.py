@@ -66,7 +66,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         SERIALIZATION_BACKOFF_S=0.001,
         CORS_ORIGIN="*",  # which browser origins may call the API
         MAX_HOLD_S=MAX_WAIT_S,  # the longest a poll is held, whatever its wait=
-        LOG_CHECK_INTERVAL_S=0.005,  # how often a process looks for other processes' commits while polls are held
+        LOG_CHECK_INTERVAL_S=0.005,  # without inotify: how often a process looks for others' commits while polls are held
         POOL_SIZE=10,  # connections a process may use at once; a held poll uses none (docs/production.md)
         POOL_TIMEOUT_S=5,  # then a request waiting for one is answered 503, type network
     )

@@ -13,8 +13,8 @@ import multiprocessing
 import signal
 
 bind = "127.0.0.1:8000"
-# One event loop a core, and one more a core for the moments a loop waits (a
-# page read, a commit handed to a thread): a keep-alive connection stays on its worker.
+# Two event loops a core: a keep-alive connection stays on the worker that accepted it, and with
+# one a core all of a client's connections sometimes landed on one, leaving a core idle.
 workers = 2 * multiprocessing.cpu_count()
 worker_class = "gevent"
 worker_connections = 10_000  # a process's open connections, held polls included; each needs a file descriptor

@@ -3,14 +3,15 @@
 Under gunicorn's gevent worker every request is a greenlet on one event loop
 per process, so a held poll costs a socket and a few kilobytes, not a thread.
 gevent's monkey-patching makes sockets, locks, sleeps and psycopg (3.1.14 and
-later) give way to other greenlets while they wait. Two things would still
-stop the whole loop, so they run in gevent's thread pool instead: a SQLite
-write transaction, which may wait for the cross-process write lock (flock),
-for the busy handler and for fsync; see writer.py. SQLite reads stay on the
-loop: in WAL mode they never wait for a lock, and each is one short statement.
-Under the threaded servers (`flask run`, gthread) both functions do nothing.
-Proved by tests/test_long_poll.py (a client that leaves frees its poll;
-thousands of held polls never delay a mutation) and tests/test_gunicorn.py.
+later) give way to other greenlets while they wait. A SQLite write transaction
+would still stop the whole loop while it waits for the cross-process write lock
+(flock), the busy handler or fsync, so it runs in gevent's thread pool instead
+(writer.py). SQLite reads stay on the loop: in WAL mode they never wait for a
+lock. The rest: a signal handler's work moved out of it, turns given to waiting
+requests, a client's leaving noticed, a stopping worker's last answers. Under
+the threaded servers (`flask run`, gthread) they run work directly, or do nothing.
+Proved by tests/test_connected.py (a client that leaves frees its poll; thousands
+of held polls never delay a mutation; shutdown) and tests/test_gunicorn.py.
 """
 
 from __future__ import annotations
@@ -53,12 +54,13 @@ def outside_signal_handler(work: Callable[[], None]) -> None:
 
 
 def after_waiting_requests() -> None:
-    """Wait until the loop has served what was already waiting on it (requests that arrived, commits
-    that finished) before going on: a long run of work of one greenlet does not hold them all."""
+    """Let the loop take one turn, serving what was already waiting on it (requests that arrived,
+    commits that finished), before going on: a long run of work does not hold them all. (A timer,
+    not gevent.idle(), which could wait as long as any connection is busy.)"""
     if patched():
         import gevent
 
-        gevent.idle()
+        gevent.sleep(0.0001)
 
 
 def when_client_leaves(environ: dict, callback: Callable[[], None]) -> Callable[[], None]:

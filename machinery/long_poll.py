@@ -10,14 +10,14 @@ no token check per poll. A poll whose user's memberships changed (or every
 poll, after init-db) is told to read again, so that its answer carries the
 user's new groups and its token and cursor are checked again.
 A held poll costs no thread under the gevent worker (gunicorn.conf.py), no
-connection, and no snapshot. Proved by tests/test_long_poll.py (across
-processes and app servers, wake-ups by group counted, membership changes,
-disconnects, shutdown) and the walkthrough's long poll (tests/test_readme.py).
+connection, and no snapshot. Proved by tests/test_connected.py (two app servers, wake-ups
+counted, membership changes, disconnects, shutdown) and tests/test_long_poll.py.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import threading
 import time
@@ -81,7 +81,7 @@ class HeldPolls:
         self.by_group: dict[str, set[HeldPoll]] = defaultdict(set)
         self.by_user: dict[int, set[HeldPoll]] = defaultdict(set)
         self.count = 0
-        self.smallest_limit = math.inf
+        self.earliest_end = math.inf  # at most the smallest cursor + limit of the polls held: where a page fills up
         # Where the next read starts: at most the cursor of every poll held since the last read began.
         self.next_from: int | None = None
         self.next_changes_from: int | None = None
@@ -96,7 +96,8 @@ class HeldPolls:
 
     def hold(self, user_id: int, page: dict[str, Any], limit: int, deadline: float, environ: dict) -> Any:
         """Hold an empty page until something its user may see arrives. Returns the answer's page,
-        REREAD, or None when the wait ends, the client goes or the server stops (answer `page`)."""
+        REREAD, or None when the wait ends, the client goes or the server stops: then answer `page`,
+        whose cursor this moves past the actions read meanwhile, none of them the user's."""
         with self.lock:
             if self.closed:
                 event_loop.last_answer(environ)
@@ -108,7 +109,7 @@ class HeldPolls:
             seen = poll.changes_seen
             self.next_changes_from = seen if idle or self.next_changes_from is None else min(self.next_changes_from, seen)
             self.count += 1
-            self.smallest_limit = min(self.smallest_limit, limit)
+            self.earliest_end = min(self.earliest_end, poll.cursor + limit)
             for sync_group in poll.sync_groups:
                 self.by_group[sync_group].add(poll)
             self.by_user[user_id].add(poll)
@@ -128,6 +129,7 @@ class HeldPolls:
                 if answer is None and self.reads_done > poll.reads_before and self.head > poll.cursor:
                     # Every read since it was held covered it, and none concerned it: its cursor moves past them.
                     page["lastSyncId"] = min(self.head, poll.cursor + poll.limit)
+                    page["hasMore"] = page["lastSyncId"] < self.head
         return answer
 
     def forget(self, poll: HeldPoll) -> None:
@@ -135,7 +137,7 @@ class HeldPolls:
             return
         self.count -= 1
         if self.count == 0:
-            self.smallest_limit = math.inf
+            self.earliest_end = math.inf
         for key, index in ((poll.user_id, self.by_user), *((group, self.by_group) for group in poll.sync_groups)):
             index[key].discard(poll)
             if not index[key]:
@@ -168,9 +170,20 @@ class HeldPolls:
         else:
             self.inotify = commit_bell(self.bell)  # writer.py
             targets = [self.read_forever] + ([self.watch] if self.inotify else [])
-        self.threads = [threading.Thread(target=target, name=target.__name__, daemon=True) for target in targets]
+        self.threads = [threading.Thread(target=self.keep_running, args=(target,), name=target.__name__, daemon=True)
+                        for target in targets]
         for thread in self.threads:
             thread.start()
+
+    def keep_running(self, target) -> None:
+        """Run `target` until the server stops, again if the database fails it (restarted, pool empty)."""
+        while not self.closed:
+            try:
+                target()
+            except Exception:
+                logging.getLogger(__name__).exception("%s failed; it starts again in 1 s", target.__name__)
+                time.sleep(1)
+                self.read_again()  # what it may have missed meanwhile
 
     def read_forever(self) -> None:
         connection, data_version = self.connect(), None
@@ -194,7 +207,13 @@ class HeldPolls:
                     start, changes_start = self.next_from, self.next_changes_from
                     self.next_from = self.next_changes_from = None
                     self.reads_begun += 1
-                head, changes_head, changes, actions = self.read(connection, start, changes_start)
+                try:
+                    head, changes_head, changes, actions = self.read(connection, start, changes_start)
+                except Exception:
+                    with self.lock:  # the next read starts here again
+                        self.next_from = start if self.next_from is None else min(self.next_from, start)
+                        self.next_changes_from = changes_start if self.next_changes_from is None else min(self.next_changes_from, changes_start)
+                    raise
                 with self.lock:
                     answered = self.dispatch(start, head, changes_start, changes, actions)
                     self.next_from = head if self.next_from is None else min(self.next_from, head)
@@ -203,10 +222,10 @@ class HeldPolls:
                     if self.next_from < head or self.next_changes_from < changes_head or head == start + MAX_READ:
                         self.read_again()  # for polls held during the read, or for the rest of a long run
                 for first in range(0, len(answered), WAKE_AT_ONCE):
+                    if first:  # a write to `all` wakes every poll: requests already waiting (a mutation's) go first
+                        event_loop.after_waiting_requests()
                     for poll in answered[first:first + WAKE_AT_ONCE]:
                         poll.woken.set()
-                    # A write to `all` wakes every poll: requests already waiting (a mutation's) go first.
-                    event_loop.after_waiting_requests()
         finally:
             connection.close()
 
@@ -249,13 +268,18 @@ class HeldPolls:
                         answered.append(poll)
         found: dict[HeldPoll, list[str]] = {}
         for sync_id, wire, sync_groups in actions:
-            concerned = set().union(*(self.by_group.get(sync_group, ()) for sync_group in sync_groups.split(",")))
+            groups = sync_groups.split(",")  # sync group names hold no comma (models.py)
+            concerned = self.by_group.get(groups[0], ()) if len(groups) == 1 else set().union(*(self.by_group.get(g, ()) for g in groups))
             for poll in concerned:
                 if sync_id > poll.cursor and sync_id <= poll.cursor + poll.limit and covered(poll):
                     found.setdefault(poll, []).append(wire)
-        if head - start > self.smallest_limit:  # polls whose pages fill up with actions they may not see
-            for polls in self.by_user.values():
-                found.update((poll, found.get(poll, [])) for poll in polls if head > poll.cursor + poll.limit and covered(poll))
+        if head > self.earliest_end:  # polls whose pages fill up with actions they may not see
+            self.earliest_end = math.inf
+            for poll in (poll for polls in self.by_user.values() for poll in polls if poll.answer is None):
+                if head > poll.cursor + poll.limit and covered(poll):
+                    found.setdefault(poll, [])
+                elif poll not in found:
+                    self.earliest_end = min(self.earliest_end, poll.cursor + poll.limit)
         for poll, wires in found.items():
             last_sync_id = min(head, poll.cursor + poll.limit)
             poll.answer = {"sync": ",".join(wires), "lastSyncId": last_sync_id, "syncGroups": poll.sync_groups_json,
@@ -273,16 +297,4 @@ class HeldPolls:
 
     def listen(self) -> None:
         """PostgreSQL: every write transaction notifies at COMMIT (postgres.notify_log), on every app server."""
-        pooled = self.engine.raw_connection()
-        listener = pooled.driver_connection
-        pooled.detach()
-        try:
-            listener.execute("LISTEN sync_log")
-            (schema,) = listener.execute("SELECT current_schema()").fetchone()
-            self.log_changed.set()
-            while not self.closed:
-                # Another schema's notifications are another log's.
-                if any(notification.payload == schema for notification in listener.notifies(timeout=1.0)):
-                    self.log_changed.set()
-        finally:
-            listener.close()
+        postgres.listen_for_commits(self.engine, lambda: self.closed, self.log_changed.set)

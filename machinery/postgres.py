@@ -67,6 +67,23 @@ def notify_log(db_connection) -> None:
     db_connection.execute("SELECT pg_notify('sync_log', current_schema())")
 
 
+def listen_for_commits(engine, stopped, heard) -> None:
+    """Call `heard` after each write transaction of this schema commits, on any app server, until `stopped()`."""
+    pooled = engine.raw_connection()
+    listener = pooled.driver_connection  # a connection of its own, outside the pool
+    pooled.detach()
+    try:
+        listener.execute("LISTEN sync_log")
+        (schema,) = listener.execute("SELECT current_schema()").fetchone()
+        heard()  # what committed before LISTEN
+        while not stopped():
+            # Another schema's notifications are another log's.
+            if any(notification.payload == schema for notification in listener.notifies(timeout=1.0)):
+                heard()
+    finally:
+        listener.close()
+
+
 def start_log_after(db_connection, sync_id: int) -> None:
     db_connection.execute("SELECT setval(pg_get_serial_sequence('sync_action', 'id'), ?)", (sync_id,))
 

@@ -169,7 +169,7 @@ class WriteLock:
 
     def __exit__(self, *_) -> None:
         if self.path is not None:
-            os.utime(self.file)  # after COMMIT: the bell that other processes' held polls listen for (long_poll.py)
+            os.utime(self.file)  # after the transaction ends: the bell other processes' held polls listen for (long_poll.py)
             fcntl.flock(self.file, fcntl.LOCK_UN)
 
 

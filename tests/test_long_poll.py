@@ -136,6 +136,48 @@ def test_a_shutdown_between_a_read_and_its_wake_up_keeps_the_answer_the_read_gav
     assert wire(poll["body"]["lastSyncId"]) == wire(last_sync_id)
 
 
+def test_a_poll_whose_page_fills_with_actions_it_may_not_see_is_answered_over_several_reads(app, seeded, base_url):
+    held = app.extensions["held_polls"]
+    grace = sign_in(app, "Grace", "group:g2")
+    since = head(seeded)
+    poll = poll_in_background(base_url, grace.token, f"since={since}&wait=20&limit=5")
+    while held.count < 1:
+        time.sleep(0.01)
+    for n in range(5):  # one read each: none of them hers, none filling her page of 5 syncIds
+        reads = held.page_reads
+        mutate(seeded, todo(f"t{n + 2}", "g1"))
+        while held.page_reads == reads:
+            time.sleep(0.01)
+    assert poll["thread"].is_alive()
+
+    mutate(seeded, todo("t9", "g2"))  # hers, past her page: the read that brings it starts after it
+
+    finished(poll, 10)
+    assert wire(poll["body"]) == wire({"sync": [], "lastSyncId": since + 5, "syncGroups": ["all", "group:g2"], "hasMore": True})
+
+
+def test_a_reader_that_the_database_fails_starts_again(app, seeded, base_url, monkeypatch):
+    held = app.extensions["held_polls"]
+    since = head(seeded)
+    poll = poll_in_background(base_url, seeded.token, f"since={since}&wait=20")
+    while held.count < 1:
+        time.sleep(0.01)
+    real_read, failures = held.read, []
+
+    def fails_once(*args):
+        if not failures:
+            failures.append(args)
+            raise sqlite3.OperationalError("disk I/O error")  # as a restarted database or a full disk would
+        return real_read(*args)
+
+    monkeypatch.setattr(held, "read", fails_once)
+
+    last_sync_id = mutate(seeded, todo("t2", "g1"))["lastSyncId"]
+
+    finished(poll, 10)
+    assert failures and wire([a["syncId"] for a in poll["body"]["sync"]]) == wire([last_sync_id])
+
+
 def test_a_poll_without_wait_is_never_held(seeded):
     started = time.monotonic()
     assert seeded.get("/sync?since=5").get_json()["sync"] == []
