@@ -54,13 +54,13 @@ def outside_signal_handler(work: Callable[[], None]) -> None:
 
 
 def after_waiting_requests() -> None:
-    """Let the loop take one turn, serving what was already waiting on it (requests that arrived,
-    commits that finished), before going on: a long run of work does not hold them all. (A timer,
-    not gevent.idle(), which could wait as long as any connection is busy.)"""
+    """Wait until the loop has served what already waits on it (requests that arrived, commits
+    that finished): a long run of work does not hold them all, and goes on only as fast as the
+    loop keeps up. (A timer's turn instead let 10,000 woken clients' next polls empty the pool.)"""
     if patched():
         import gevent
 
-        gevent.sleep(0.0001)
+        gevent.idle()
 
 
 def when_client_leaves(environ: dict, callback: Callable[[], None]) -> Callable[[], None]:
