@@ -32,7 +32,7 @@ from werkzeug.exceptions import HTTPException
 
 from machinery import postgres
 from machinery.database import DbConnection, Flavour, configure_database, connection, create_schema, flavour, read_transaction
-from machinery.database import engine_options, own_connection, return_connection, schema_is_complete
+from machinery.database import as_fault, engine_options, own_connection, return_connection, schema_is_complete
 from machinery.errors import ApiError
 from machinery.input import CommaList, SyncId, WaitSeconds, json_body, load, query_args, shared
 from machinery.long_poll import REREAD, HeldPolls, held_polls, membership_changed
@@ -60,8 +60,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         SQLITE_BUSY_TIMEOUT_MS=2000,  # how long one attempt waits for the write lock
         BUSY_RETRIES=3,  # SQLite: further attempts, with backoff, before answering 503
         BUSY_BACKOFF_S=0.05,
-        # PostgreSQL: serializable transactions are expected to conflict now and then, and a
-        # retry at once mostly succeeds: more attempts, sooner.
+        # PostgreSQL: serializable transactions conflict now and then; a retry at once mostly succeeds.
         SERIALIZATION_RETRIES=10,
         SERIALIZATION_BACKOFF_S=0.001,
         CORS_ORIGIN="*",  # which browser origins may call the API
@@ -646,5 +645,6 @@ def http_error(error: HTTPException):
 
 
 def unexpected_error(error: Exception):
-    current_app.logger.exception("unexpected error")
-    return error_response(ApiError(500, "internal_error", "The server hit an unexpected error; see its log."))
+    if (fault := as_fault(error)) is None:  # one that may pass (a full disk, a lost connection) is 503 type network
+        current_app.logger.exception("unexpected error")
+    return error_response(fault or ApiError(500, "internal_error", "The server hit an unexpected error; see its log."))

@@ -8,7 +8,7 @@ that transactions begin only where app.py and writer.py say BEGIN, and
 creates the tables of models.py, safely when several server processes start
 at once. Proved by tests/test_bootstrap.py (one snapshot), tests/test_sqlite.py,
 tests/test_postgres.py, tests/test_concurrency.py (servers starting together),
-tests/test_errors.py (an exhausted pool) and tests/test_cli.py.
+tests/test_errors.py (an exhausted pool, faults that may pass) and tests/test_cli.py.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.schema import CreateIndex, CreateTable, DropTable
 
 from machinery import postgres
-from machinery.errors import database_busy
+from machinery.errors import ApiError, database_busy
 from models import db
 
 DbConnection = Any  # sqlite3's connection, or postgres.PostgresConnection: both take the same SQL
@@ -113,6 +113,33 @@ def read_transaction() -> Iterator[DbConnection]:
         yield db_connection
     finally:
         db_connection.execute("COMMIT")
+
+
+# Faults that may pass, refused with 503 type network so that the client retries instead of
+# rolling a good change back. SQLite: a read-only file, an I/O error, a full disk, a file it
+# cannot open, no memory. PostgreSQL: a lost connection (class 08, or none given), no resources
+# (53: disk full, memory, connections), a server shutting down (57P), a read-only server (25006).
+SQLITE_FAULTS = {sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_NOMEM}
+POSTGRES_FAULTS = ("08", "53", "57P", "25006")
+
+
+def as_fault(error: BaseException) -> ApiError | None:
+    """The answer to a fault that may pass, or None. The pool starts afresh: every connection it
+    holds may have seen the fault (opened read-only, or to a server that restarted)."""
+    if isinstance(error, sqlite3.Error):
+        transient = getattr(error, "sqlite_errorcode", 0) & 0xFF in SQLITE_FAULTS
+    else:
+        sqlstate = getattr(error, "sqlstate", None)
+        transient = sqlstate.startswith(POSTGRES_FAULTS) if sqlstate else type(error).__name__ == "OperationalError"
+    if not transient:
+        return None
+    pooled = g.pop("connection", None)
+    if pooled is not None:
+        getattr(pooled, "pooled", pooled).invalidate()
+    db.engine.dispose(close=False)
+    said = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
+    return ApiError(503, "database_unavailable", f"The database failed for a moment ({said}). Retry shortly.",
+                    type="network", headers={"Retry-After": "1"})
 
 
 def is_retryable(error: BaseException) -> bool:

@@ -120,7 +120,8 @@ def api_operations(models: tuple[SyncedModel, ...]) -> dict[str, Any]:
     internal_error = refusal("internal_error: a bug; the transaction was rolled back.")
     busy = refusal(
         "database_busy (type network): the database stayed busy, or every connection of this server was in use; "
-        "nothing was written; retry.", **{"Retry-After": "Seconds to wait."}
+        "nothing was written; retry. database_unavailable (type network): a fault that may pass (a read-only or "
+        "full disk, an I/O error, a lost connection to PostgreSQL); retry.", **{"Retry-After": "Seconds to wait."}
     )
     return {
         "/mutate": {

@@ -7,6 +7,7 @@ import threading
 from urllib.parse import urlsplit
 
 import pytest
+from sqlalchemy import event
 
 import machinery.writer as writer
 
@@ -203,3 +204,90 @@ def test_a_busy_database_is_retried_with_backoff_before_giving_up(database_url, 
         other_writer.close()
     assert len(waits) >= 2
     assert waits == [0.05 * 2**n for n in range(len(waits))]
+
+
+# Faults that may pass: the client must retry (type network), never roll a good change back
+# (type server), and the first request after the fault clears must succeed.
+
+
+def faulty_new_connections(app, statement: str):
+    """From now on every connection the pool opens runs `statement` first: a stand-in for a file
+    made read-only or a full disk, as connections opened during such a fault see it."""
+    with app.app_context():
+        engine = db.engine
+
+    def fault(dbapi_connection, _record):
+        cursor = dbapi_connection.cursor()
+        cursor.execute(statement)
+        cursor.close()
+
+    event.listen(engine, "connect", fault)
+    with app.app_context():
+        db.engine.dispose()
+    return lambda: event.remove(engine, "connect", fault)
+
+
+def assert_fault(response) -> None:
+    error = assert_error(response, 503, "database_unavailable", type="network")
+    assert response.headers["Retry-After"] == "1" and len(error["message"]) < 300
+
+
+def test_a_read_only_database_is_503_network_and_the_first_request_after_it_succeeds(database_url):
+    app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": database_url})
+    client = sign_in(app)
+    mutate(client, group("g1"), create("Author", "a1", name="A"))
+    before = snapshot(app)
+    sqlite = database_url.startswith("sqlite")
+    cleared = faulty_new_connections(app, "PRAGMA query_only = 1" if sqlite else "SET default_transaction_read_only = on")
+    try:
+        with app.app_context():  # several connections opened while it lasts, back in the pool
+            opened = [db.engine.raw_connection() for _ in range(3)]
+            for pooled in opened:
+                pooled.close()
+        assert_fault(client.post("/mutate", json={"changes": [todo("t1", "g1")]}))
+    finally:
+        cleared()
+    assert snapshot(app) == before
+    # The fault has cleared: the client's retry succeeds at once, on a connection opened since.
+    assert wire(mutate(client, todo("t1", "g1"))) == wire({"lastSyncId": 3})
+    shut_down(app)
+
+
+@pytest.mark.sqlite_only("a full disk stands in as SQLite's max_page_count")
+def test_a_full_disk_is_503_network_and_the_first_request_after_it_succeeds(database_url):
+    app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": database_url})
+    client = sign_in(app)
+    mutate(client, group("g1"), create("Author", "a1", name="A"))
+    before = snapshot(app)
+    pages = sqlite3.connect(database_path(app)).execute("PRAGMA page_count").fetchone()[0]
+    cleared = faulty_new_connections(app, f"PRAGMA max_page_count = {pages}")
+    big = todo("t1", "g1") | {"data": todo("t1", "g1")["data"] | {"text": "x" * 100_000}}  # needs new pages
+    try:
+        assert_fault(client.post("/mutate", json={"changes": [big]}))
+    finally:
+        cleared()
+    assert snapshot(app) == before
+    assert wire(mutate(client, big)) == wire({"lastSyncId": 3})
+    shut_down(app)
+
+
+def test_a_lost_database_connection_is_503_network_and_the_first_request_after_it_succeeds(database_url):
+    if database_url.startswith("sqlite"):
+        pytest.skip("PostgreSQL only: SQLite has no connection to lose")
+    app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": database_url, "POOL_SIZE": 1})
+    client = sign_in(app)
+    mutate(client, group("g1"), create("Author", "a1", name="A"))
+    before = snapshot(app)
+    with app.app_context():
+        pooled = db.engine.raw_connection()  # the pool's only connection
+        backend = pooled.driver_connection.info.backend_pid
+        pooled.close()
+    import psycopg
+
+    with psycopg.connect(database_url.replace("postgresql+psycopg", "postgresql").split("?")[0], autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (backend,))  # as a restart or a network cut would
+
+    assert_fault(client.post("/mutate", json={"changes": [todo("t1", "g1")]}))
+    assert snapshot(app) == before
+    assert wire(mutate(client, todo("t1", "g1"))) == wire({"lastSyncId": 3})
+    shut_down(app)
