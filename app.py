@@ -140,10 +140,8 @@ def user_for_token(header: str | None) -> int:
         raise unauthorized("Send the header Authorization: Bearer <token>.")
     match = TOKEN.fullmatch(header.strip())
     if match is None:
-        raise unauthorized(
-            "The Authorization header must be 'Bearer <token>', with a token as printed by "
-            "`flask --app app create-user` or `seed`."
-        )
+        raise unauthorized("The Authorization header must be 'Bearer <token>', with a token as printed by "
+                           "`flask --app app create-user` or `seed`.")
     user_id = int(match[1])
     stored = connection().execute("SELECT token_sha256 FROM users WHERE id = ?", (user_id,)).fetchone()
     # Compare hashes in constant time, and compare even when there is no such user.
@@ -167,12 +165,17 @@ def caller_sync_groups(user_id: int, db_connection: DbConnection) -> list[str]:
 
 
 def new_user(db_connection: DbConnection, name: str) -> tuple[int, str]:
-    """Add a user; return its id and token. Only a hash of the secret is
-    kept, so this is the one chance to see the token."""
-    secret = secrets.token_urlsafe(32)
-    insert = "INSERT INTO users (name, token_sha256) VALUES (?, ?) RETURNING id"
-    (user_id,) = db_connection.execute(insert, (name, sha256(secret))).fetchone()
-    return user_id, f"{user_id}.{secret}"
+    (user_id,) = db_connection.execute("INSERT INTO users (name, token_sha256) VALUES (?, '') RETURNING id", (name,)).fetchone()
+    return user_id, new_token(db_connection, user_id)
+
+
+def new_token(db_connection: DbConnection, user_id: int, revoke: bool = False) -> str | None:
+    """A new token for the user, or none; the old one stops at once, held polls included. Only a
+    hash of the secret is kept (none hashes to ''), so this is the one chance to see the token."""
+    secret = None if revoke else secrets.token_urlsafe(32)
+    db_connection.execute("UPDATE users SET token_sha256 = ? WHERE id = ?", (sha256(secret) if secret else "", user_id))
+    membership_changed(db_connection, user_id)  # its held polls, on every process, check their token again
+    return secret and f"{user_id}.{secret}"
 
 
 def join(db_connection: DbConnection, user_id: int, sync_group: str) -> None:
@@ -256,10 +259,9 @@ def in_write_transaction(work: Callable[[DbConnection], T]) -> T:
     """BEGIN IMMEDIATE; work(db_connection); COMMIT; and return what `work` returned.
 
     That is all it is, in essence (SERIALIZABLE on PostgreSQL), and the only way anything is written.
-    machinery/writer.py runs it faster: writes arriving together share one
-    transaction and its fsync (group commit), each in a savepoint of its own,
-    and a transaction the database is too busy for is retried, then refused
-    with 503 type network."""
+    machinery/writer.py runs it faster: writes arriving together share one transaction and its
+    fsync (group commit), each in a savepoint of its own, and a transaction the database is too
+    busy for is retried, then refused with 503 type network."""
     return current_app.extensions["writer"].run(work)
 
 
@@ -302,10 +304,8 @@ def apply_transaction(
     pending = [apply_change(db_connection, index, change, caller) for index, change in enumerate(changes)]
     last_sync_id = append_to_log(db_connection, pending)
     if transaction_id is not None:
-        db_connection.execute(
-            "INSERT INTO client_transaction (user_id, transaction_id, changes_sha256, last_sync_id) VALUES (?, ?, ?, ?)",
-            (user_id, transaction_id, changes_sha256, last_sync_id),
-        )
+        insert = "INSERT INTO client_transaction (user_id, transaction_id, changes_sha256, last_sync_id) VALUES (?, ?, ?, ?)"
+        db_connection.execute(insert, (user_id, transaction_id, changes_sha256, last_sync_id))
     return last_sync_id
 
 

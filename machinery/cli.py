@@ -1,4 +1,4 @@
-"""The flask commands: init-db, seed, create-user, add-member, remove-member.
+"""The flask commands: init-db, seed, create-user, new-token, revoke-token, add-member, remove-member.
 
 A sync server needs users, tokens and memberships before any client can
 call it; these commands make them, and write through app.py's own write path
@@ -12,7 +12,7 @@ from __future__ import annotations
 import click
 from flask.cli import with_appcontext
 
-from app import MutateSchema, apply_transaction, in_write_transaction, join, leave, load, new_user, read_head
+from app import MutateSchema, apply_transaction, in_write_transaction, join, leave, load, new_token, new_user, read_head
 from machinery.database import DbConnection, create_schema, schema_statements, start_log_after
 from machinery.long_poll import membership_changed
 from models import SYNCED_MODELS, db
@@ -114,6 +114,33 @@ def create_user_command(name: str, group_ids: tuple[str, ...]):
     click.echo(f"User {user_id} ({name}) token: {token}")
 
 
+@click.command("new-token")
+@click.argument("user_id", type=int)
+@with_appcontext
+def new_token_command(user_id: int):
+    """Give a user a new token and print it; the old one stops at once, held polls included."""
+
+    def rotate(db_connection):
+        require_user(db_connection, user_id)
+        return new_token(db_connection, user_id)
+
+    click.echo(f"User {user_id} token: {in_write_transaction(rotate)}")
+
+
+@click.command("revoke-token")
+@click.argument("user_id", type=int)
+@with_appcontext
+def revoke_token_command(user_id: int):
+    """Stop a user's token at once, held polls included; `new-token` gives it another."""
+
+    def revoke(db_connection):
+        require_user(db_connection, user_id)
+        new_token(db_connection, user_id, revoke=True)
+
+    in_write_transaction(revoke)
+    click.echo(f"User {user_id} has no token now.")
+
+
 @click.command("add-member")
 @click.argument("user_id", type=int)
 @click.argument("group_id")
@@ -156,4 +183,5 @@ def require_groups(db_connection: DbConnection, group_ids) -> None:
             raise click.ClickException(f"There is no Group {group_id!r}.")
 
 
-COMMANDS = (init_db_command, seed_command, create_user_command, add_member_command, remove_member_command)
+COMMANDS = (init_db_command, seed_command, create_user_command, new_token_command, revoke_token_command, add_member_command,
+            remove_member_command)

@@ -86,6 +86,28 @@ def test_add_member_and_remove_member_change_the_groups_of_the_next_request(app,
     assert grace.get("/sync").get_json()["syncGroups"] == ["all", "group:g2"]
 
 
+def test_new_token_replaces_a_users_token_and_revoke_token_stops_it(app, runner):
+    tokens = seed(runner)
+    grace_id = tokens["Grace"].split(".")[0]
+
+    result = runner.invoke(args=["new-token", grace_id])
+
+    assert result.exit_code == 0, result.output
+    rotated = result.output.split()[-1]
+    assert rotated != tokens["Grace"] and rotated.startswith(f"{grace_id}.")
+    assert_error(with_token(app, tokens["Grace"]).get("/sync"), 401, "unauthorized", type="auth")
+    assert with_token(app, rotated).get("/sync").status_code == 200
+    assert with_token(app, tokens["Ada"]).get("/sync").status_code == 200  # nobody else's
+
+    result = runner.invoke(args=["revoke-token", grace_id])
+
+    assert result.exit_code == 0, result.output
+    assert_error(with_token(app, rotated).get("/sync"), 401, "unauthorized", type="auth")
+    for command in ("new-token", "revoke-token"):
+        result = runner.invoke(args=[command, "99"])
+        assert result.exit_code != 0 and "There is no user 99" in result.output
+
+
 def test_membership_commands_refuse_unknown_users_and_groups(app, runner):
     seed(runner)
     before = snapshot(app)

@@ -178,6 +178,18 @@ def test_a_reader_that_the_database_fails_starts_again(app, seeded, base_url, mo
     assert failures and wire([a["syncId"] for a in poll["body"]["sync"]]) == wire([last_sync_id])
 
 
+def test_a_revoked_token_ends_its_held_polls_at_once(app, seeded, base_url, runner):
+    grace = sign_in(app, "Grace", "group:g2")
+    poll = poll_in_background(base_url, grace.token, f"since={head(seeded)}&wait=20")
+    time.sleep(0.3)
+    assert poll["thread"].is_alive()
+
+    assert runner.invoke(args=["revoke-token", grace.token.split(".")[0]]).exit_code == 0
+
+    finished(poll, 10)  # not at the end of its wait
+    assert poll["status"] == 401 and poll["body"]["error"]["code"] == "unauthorized"
+
+
 def test_a_poll_without_wait_is_never_held(seeded):
     started = time.monotonic()
     assert seeded.get("/sync?since=5").get_json()["sync"] == []
