@@ -32,7 +32,7 @@ from werkzeug.exceptions import HTTPException
 
 from machinery import postgres
 from machinery.database import DbConnection, Flavour, configure_database, connection, create_schema, flavour, read_transaction
-from machinery.database import as_fault, engine_options, own_connection, return_connection, schema_is_complete
+from machinery.database import as_fault, engine_options, own_connection, read_in_time, return_connection, schema_is_complete
 from machinery.errors import ApiError
 from machinery.input import CommaList, SyncId, WaitSeconds, json_body, load, query_args, shared
 from machinery.long_poll import REREAD, HeldPolls, held_polls, membership_changed
@@ -68,6 +68,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         LOG_CHECK_INTERVAL_S=0.005,  # without inotify: how often a process looks for others' commits while polls are held
         POOL_SIZE=10,  # connections a process may use at once; a held poll uses none (docs/production.md)
         POOL_TIMEOUT_S=5,  # then a request waiting for one is answered 503, type network
+        BOOTSTRAP_MAX_S=60,  # a bootstrap not read by then is cut off (the client retries), so its snapshot ends
     )
     if test_config is None:
         app.config.from_pyfile("config.py", silent=True)
@@ -457,9 +458,9 @@ class BootstrapQuerySchema(Schema):
 @api.get("/bootstrap")
 def bootstrap():
     query = load(shared(BootstrapQuerySchema), query_args())
-    # Streamed a chunk of rows at a time, so a large bootstrap never sits in memory whole, and read on
-    # a connection of its own, in one read transaction (BEGIN DEFERRED on SQLite, REPEATABLE READ on
-    # PostgreSQL) that lasts until the last chunk is sent: the rows and firstSyncId share one snapshot.
+    # Streamed a chunk of rows at a time, so a large bootstrap never sits in memory whole, and read on a
+    # connection of its own, in one read transaction that lasts until the last chunk is sent (at most
+    # BOOTSTRAP_MAX_S: machinery/database.py): the rows and firstSyncId share one snapshot.
     chosen = flavour()
     db_connection = own_connection()
     try:
@@ -486,9 +487,8 @@ def bootstrap():
             yield "]"
         yield f'}},"firstSyncId":{first_sync_id},"syncGroups":{json.dumps(sync_groups, separators=(",", ":"))}}}\n'
 
-    response = current_app.response_class(body(), mimetype="application/json")
-    # Once the answer is sent, or the client is gone, or it was a HEAD that never read the body:
-    # back to the pool, which ends the read transaction.
+    response = current_app.response_class(read_in_time(body(), request.environ), mimetype="application/json")
+    # Once the answer is sent, cut off, or never read (a HEAD): back to the pool, ending the transaction.
     response.call_on_close(db_connection.close)
     return response
 

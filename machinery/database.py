@@ -14,6 +14,7 @@ tests/test_errors.py (an exhausted pool, faults that may pass) and tests/test_cl
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -63,6 +64,7 @@ def configure_database(engine: Engine, config: dict[str, Any]) -> Flavour:
         dbapi_connection.isolation_level = None
         dbapi_connection.execute("PRAGMA journal_mode = WAL")  # readers never block the writer
         dbapi_connection.execute("PRAGMA synchronous = FULL")  # a 200 from /mutate is on disk
+        dbapi_connection.execute("PRAGMA journal_size_limit = 67108864")  # 64 MiB: the WAL shrinks back after a big write
         dbapi_connection.execute("PRAGMA foreign_keys = ON")
         dbapi_connection.execute(f"PRAGMA busy_timeout = {int(config['SQLITE_BUSY_TIMEOUT_MS'])}")
 
@@ -90,6 +92,31 @@ def own_connection() -> DbConnection:
     except PoolTimeout:
         raise database_busy("Every database connection of this server is in use; nothing was done. Retry shortly.") from None
     return speaking_sql(pooled)
+
+
+def read_in_time(chunks: Iterator[str], environ: dict) -> Iterator[str]:
+    """A streamed answer read from one snapshot (a bootstrap), to be read within BOOTSTRAP_MAX_S.
+    Past that it is cut off, and the client, seeing a broken answer, asks again: the snapshot
+    ends, so SQLite can checkpoint its write-ahead log and PostgreSQL vacuum. A client that
+    stops reading is cut off too, when a send to it times out."""
+    limit_s = current_app.config["BOOTSTRAP_MAX_S"]  # read now: the answer is sent after the request's context ends
+    deadline, client = time.monotonic() + limit_s, environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
+
+    def cut_off_in_time() -> Iterator[str]:
+        before = client.gettimeout() if client else None
+        try:
+            for chunk in chunks:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"the answer was not read within BOOTSTRAP_MAX_S ({limit_s} s)")
+                if client:
+                    client.settimeout(left)
+                yield chunk
+        finally:
+            if client:
+                client.settimeout(before)
+
+    return cut_off_in_time()
 
 
 def speaking_sql(pooled) -> DbConnection:

@@ -1,13 +1,16 @@
 """GET /bootstrap: model rows plus the firstSyncId they reflect, from one snapshot."""
 
 import json
+import socket
+import sqlite3
 import threading
+import time
 
 import pytest
 from werkzeug.test import EnvironBuilder, run_wsgi_app
 
 import app as app_module
-from helpers import same_user, as_store, assert_error, mutate, read_log, replay, todo, wire
+from helpers import same_user, as_store, assert_error, database_path, mutate, read_log, replay, todo, wire
 
 
 def test_eager_bootstrap_returns_every_row_of_the_requested_models(seeded):
@@ -122,3 +125,35 @@ def test_a_bootstrap_gives_its_connection_back_however_much_the_client_reads(app
         next(body)
     body.close()  # what a server does once it has sent the answer, or the client has gone
     assert pool.checkedout() == 0
+
+
+@pytest.mark.sqlite_only("checkpoints SQLite's write-ahead log")
+def test_a_bootstrap_not_read_in_time_is_cut_off_so_the_log_can_be_checkpointed(app, seeded, base_url):
+    app.config["BOOTSTRAP_MAX_S"] = 1
+    for batch in range(16):  # about 16 MB of rows: more than the sockets buffer, so the server waits to send
+        mutate(seeded, *[todo(f"b{batch}-{n}", "g1") | {"data": todo(f"b{batch}-{n}", "g1")["data"] | {"text": "x" * 60_000}}
+                         for n in range(16)])
+    host, port = base_url.removeprefix("http://").split(":")
+    slow = socket.create_connection((host, int(port)))
+    slow.sendall(f"GET /bootstrap?type=eager&models=Todo HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {seeded.token}\r\n\r\n".encode())
+    time.sleep(0.3)  # the bootstrap's snapshot is open; the client reads nothing
+    mutate(seeded, todo("t9", "g1"))  # a commit after its snapshot: its frames stay in the WAL while the snapshot lasts
+
+    checkpointer = sqlite3.connect(database_path(app), timeout=0)  # asks, and does not wait for readers
+    checkpoints = [checkpointer.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]]
+    deadline = time.monotonic() + 15
+    while checkpoints[-1] != 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        checkpoints.append(checkpointer.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0])
+    checkpointer.close()
+
+    # Pinned at first (busy 1), then free once the bootstrap was cut off...
+    assert checkpoints[0] == 1 and checkpoints[-1] == 0, checkpoints
+    # ...and the slow client gets a broken answer, never a complete one: it bootstraps again.
+    slow.settimeout(10)
+    received = b""
+    while chunk := slow.recv(1 << 20):
+        received += chunk
+    slow.close()
+    assert received.startswith(b"HTTP/1.1 200") and not received.endswith(b"0\r\n\r\n")
+    assert seeded.get("/sync").status_code == 200

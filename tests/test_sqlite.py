@@ -11,7 +11,7 @@ from models import db
 pytestmark = pytest.mark.sqlite_only("SQLite's own settings: pragmas, BEGIN modes, sqlite3's statement trace, its query plans")
 
 
-def test_connections_use_wal_full_sync_foreign_keys_and_a_busy_timeout(app):
+def test_connections_use_wal_full_sync_foreign_keys_a_busy_timeout_and_a_bounded_wal(app):
     with app.app_context():
 
         def pragma(name):
@@ -21,6 +21,7 @@ def test_connections_use_wal_full_sync_foreign_keys_and_a_busy_timeout(app):
         assert pragma("synchronous") == 2  # FULL
         assert pragma("foreign_keys") == 1
         assert pragma("busy_timeout") == app.config["SQLITE_BUSY_TIMEOUT_MS"]
+        assert pragma("journal_size_limit") == 64 * 1024 * 1024  # a checkpointed WAL shrinks back to this
 
 
 def record_statements(app, by_connection: dict | None = None) -> list[str]:
