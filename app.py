@@ -34,7 +34,7 @@ from machinery import postgres
 from machinery.database import DbConnection, Flavour, configure_database, connection, create_schema, flavour, read_transaction
 from machinery.database import as_fault, engine_options, own_connection, read_in_time, return_connection, schema_is_complete
 from machinery.errors import ApiError
-from machinery.input import CommaList, SyncId, WaitSeconds, json_body, load, query_args, shared
+from machinery.input import LIMITS, CommaList, SyncId, WaitSeconds, check_sizes, json_body, load, query_args, shared, short
 from machinery.long_poll import REREAD, HeldPolls, held_polls, membership_changed
 from machinery.writer import Writer
 from models import INT64, MAX_ID_LENGTH, SYNCED_MODELS, SyncedModel, db, model_id
@@ -69,6 +69,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         POOL_SIZE=10,  # connections a process may use at once; a held poll uses none (docs/production.md)
         POOL_TIMEOUT_S=5,  # then a request waiting for one is answered 503, type network
         BOOTSTRAP_MAX_S=60,  # a bootstrap not read by then is cut off (the client retries), so its snapshot ends
+        **LIMITS,  # the largest string, row and transaction a client may write (machinery/input.py)
     )
     if test_config is None:
         app.config.from_pyfile("config.py", silent=True)
@@ -214,7 +215,7 @@ class ChangeSchema(Schema):
         model = SYNCED_MODELS.get(name)
         if model is None:
             known = ", ".join(sorted(SYNCED_MODELS))
-            raise ValidationError({"modelName": [f"Unknown model {name!r}. Known models: {known}."]})
+            raise ValidationError({"modelName": [f"Unknown model {short(name)}. Known models: {known}."]})
         data = change.get("data")
         if action == "delete":
             if data is not None:
@@ -300,9 +301,9 @@ def apply_transaction(
             return done[1]  # a retry: answer it, write nothing
     # Read inside the write transaction, so a membership change is either wholly before it or after it.
     caller = Caller(user_id, set(caller_sync_groups(user_id, db_connection)))
-    # Every row first, then the log: a refused change takes no syncId, and
-    # the log's lock is held only from here to COMMIT.
+    # Every row first, then the log: a refused change takes no syncId, and the log's lock is held only from there to COMMIT.
     pending = [apply_change(db_connection, index, change, caller) for index, change in enumerate(changes)]
+    check_sizes(changes, pending)  # every row small enough to be served, and the whole too (413)
     last_sync_id = append_to_log(db_connection, pending)
     if transaction_id is not None:
         insert = "INSERT INTO client_transaction (user_id, transaction_id, changes_sha256, last_sync_id) VALUES (?, ?, ?, ?)"
@@ -389,13 +390,11 @@ def append_to_log(db_connection: DbConnection, pending: list[PendingAction]) -> 
 
 
 def lock_log(db_connection: DbConnection) -> None:
-    """Take the log's tail until this transaction ends, so that transactions
-    commit in the order of the syncIds they take: a poller can never see
-    syncId n+1 before n, and so never skips one. On SQLite the write lock,
-    held from BEGIN IMMEDIATE, already does. On PostgreSQL, ids from a
-    sequence are handed out at insert time but become visible at commit: A
-    could take 10, B take 11 and commit, a poller read past 11, and only then
-    A commit 10, which that poller would never see."""
+    """Take the log's tail until this transaction ends, so that transactions commit in the order of
+    the syncIds they take: a poller can never see syncId n+1 before n, and so never skips one. On
+    SQLite the write lock, held from BEGIN IMMEDIATE, already does. On PostgreSQL, ids from a sequence
+    are handed out at insert time but become visible at commit: A could take 10, B take 11 and
+    commit, a poller read past 11, and only then A commit 10, which that poller would never see."""
     if flavour().postgres:
         postgres.lock_log(db_connection)
 

@@ -109,11 +109,54 @@ def shared(schema_class: type[Schema]) -> Schema:
     return schema_class()
 
 
+LIMITS = dict(  # create_app's settings; each refusal is 413 type server, naming its limit
+    MAX_STRING_BYTES=32_768,  # a string field of a row, in UTF-8
+    MAX_ROW_BYTES=65_536,  # a row as its sync action carries it: a poll's page holds up to `limit` of them
+    MAX_TRANSACTION_BYTES=1_048_576,  # the rows of one transaction's sync actions, summed
+)
+QUOTED = 60  # characters of what a client sent that an error message quotes
+
+
+def short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= QUOTED else f"{text[:QUOTED]}… ({len(text):,} characters)"
+
+
+def bounded(messages: Any) -> Any:
+    """marshmallow's messages, with what the client sent (unknown keys, say) cut to a short prefix."""
+    if isinstance(messages, dict):
+        return {(short(key) if isinstance(key, str) and len(key) > QUOTED else key): bounded(nested) for key, nested in messages.items()}
+    if isinstance(messages, list):
+        return [bounded(message) for message in messages]
+    return short(messages) if isinstance(messages, str) and len(messages) > 4 * QUOTED else messages
+
+
+def check_sizes(changes: list, pending: list) -> None:
+    """Inside the write transaction, before the log is written: each change's strings, the rows
+    its sync actions would carry, and their sum, within the limits; else 413, nothing written."""
+    config, total = current_app.config, 0
+    for index, (change, action) in enumerate(zip(changes, pending)):
+        where = f"changes[{index}] ({change.action} {change.model.name} {short(change.model_id)})"
+        for name, value in change.data.items():
+            if isinstance(value, str) and len(value) * 4 > config["MAX_STRING_BYTES"] and len(value.encode()) > config["MAX_STRING_BYTES"]:
+                field = change.model.wire_name(name)
+                raise ApiError(413, "string_too_large", f"{where}: {field} is {len(value.encode()):,} bytes, over MAX_STRING_BYTES "
+                               f"({config['MAX_STRING_BYTES']:,}).", details={"change": index})
+        size = len(action.data.encode()) if action.data else 0
+        if size > config["MAX_ROW_BYTES"]:
+            raise ApiError(413, "row_too_large", f"{where}: the row would be {size:,} bytes, over MAX_ROW_BYTES "
+                           f"({config['MAX_ROW_BYTES']:,}).", details={"change": index})
+        total += size
+    if total > config["MAX_TRANSACTION_BYTES"]:
+        raise ApiError(413, "transaction_too_large", f"The transaction's rows would be {total:,} bytes, over MAX_TRANSACTION_BYTES "
+                       f"({config['MAX_TRANSACTION_BYTES']:,}): send it in smaller transactions.")
+
+
 def load(schema: Schema, data: Any) -> Any:
     try:
         return schema.load(data)
     except ValidationError as error:
-        messages = error.normalized_messages()
+        messages = bounded(error.normalized_messages())
         lines = [line.rstrip(".") for line in describe(messages)]
         if len(lines) > 5:
             lines[5:] = [f"and {len(lines) - 5} more (see details)"]

@@ -137,7 +137,9 @@ def api_operations(models: tuple[SyncedModel, ...]) -> dict[str, Any]:
                         "already_exists, does_not_exist, unknown_reference, still_referenced, "
                         "sync_groups_changed, transaction_id_reused or sync_group_reused."
                     ),
-                    413: refusal("payload_too_large: the body is over 1 MiB."),
+                    413: refusal("payload_too_large: the body is over 1 MiB. string_too_large, row_too_large, "
+                                 "transaction_too_large: a string field, a row or the transaction's rows over "
+                                 "MAX_STRING_BYTES, MAX_ROW_BYTES or MAX_TRANSACTION_BYTES; nothing was written."),
                     415: refusal("unsupported_media_type: the body is not sent as application/json."),
                     500: internal_error,
                     503: busy,

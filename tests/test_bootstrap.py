@@ -129,7 +129,7 @@ def test_a_bootstrap_gives_its_connection_back_however_much_the_client_reads(app
 
 @pytest.mark.sqlite_only("checkpoints SQLite's write-ahead log")
 def test_a_bootstrap_not_read_in_time_is_cut_off_so_the_log_can_be_checkpointed(app, seeded, base_url):
-    app.config["BOOTSTRAP_MAX_S"] = 1
+    app.config.update(BOOTSTRAP_MAX_S=1, MAX_STRING_BYTES=1 << 20, MAX_ROW_BYTES=1 << 20, MAX_TRANSACTION_BYTES=1 << 24)
     for batch in range(16):  # about 16 MB of rows: more than the sockets buffer, so the server waits to send
         mutate(seeded, *[todo(f"b{batch}-{n}", "g1") | {"data": todo(f"b{batch}-{n}", "g1")["data"] | {"text": "x" * 60_000}}
                          for n in range(16)])

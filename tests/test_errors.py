@@ -261,7 +261,7 @@ def test_a_full_disk_is_503_network_and_the_first_request_after_it_succeeds(data
     before = snapshot(app)
     pages = sqlite3.connect(database_path(app)).execute("PRAGMA page_count").fetchone()[0]
     cleared = faulty_new_connections(app, f"PRAGMA max_page_count = {pages}")
-    big = todo("t1", "g1") | {"data": todo("t1", "g1")["data"] | {"text": "x" * 100_000}}  # needs new pages
+    big = todo("t1", "g1") | {"data": todo("t1", "g1")["data"] | {"text": "x" * 30_000}}  # needs new pages
     try:
         assert_fault(client.post("/mutate", json={"changes": [big]}))
     finally:
