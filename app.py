@@ -633,7 +633,7 @@ HTTP_ERROR_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_a
 
 def http_error(error: HTTPException):
     if error.code == 404:
-        message = f"No endpoint at {request.path}. The API is POST /mutate, GET /bootstrap and GET /sync."
+        message = f"No endpoint at {short(request.path)}. The API is POST /mutate, GET /bootstrap and GET /sync."
     elif error.code == 413:
         message = f"The body is over the limit of {current_app.config['MAX_CONTENT_LENGTH']} bytes."
     else:

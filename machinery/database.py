@@ -144,28 +144,35 @@ def read_transaction() -> Iterator[DbConnection]:
 
 # Faults that may pass, refused with 503 type network so that the client retries instead of
 # rolling a good change back. SQLite: a read-only file, an I/O error, a full disk, a file it
-# cannot open, no memory. PostgreSQL: a lost connection (class 08, or none given), no resources
-# (53: disk full, memory, connections), a server shutting down (57P), a read-only server (25006).
-SQLITE_FAULTS = {sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_NOMEM}
-POSTGRES_FAULTS = ("08", "53", "57P", "25006")
+# cannot open, no memory, busy past its timeout. PostgreSQL: a lost connection (class 08, or no
+# SQLSTATE), no resources (53: disk full, memory, connections), a server shutting down (57P), a
+# statement or lock timeout (57014, 55P03), an I/O error (58), a read-only server (25006). A
+# misconfigured server is one too: the change is fine, and the client keeps it until it is fixed.
+SQLITE_FAULTS = {sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL, sqlite3.SQLITE_CANTOPEN,
+                 sqlite3.SQLITE_NOMEM, sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
+POSTGRES_FAULTS = ("08", "53", "57P", "57014", "55P03", "58", "25006")
+POSTGRES_CONNECTION_LOST = ("08", "57P", "25006")  # and a read-only server: connections opened to it
 
 
 def as_fault(error: BaseException) -> ApiError | None:
-    """The answer to a fault that may pass, or None. The pool starts afresh: every connection it
-    holds may have seen the fault (opened read-only, or to a server that restarted)."""
+    """The answer to a fault that may pass, or None. Where the fault may be in the connections
+    themselves (opened read-only, or to a server that went away), the pool starts afresh."""
     if isinstance(error, sqlite3.Error):
-        transient = getattr(error, "sqlite_errorcode", 0) & 0xFF in SQLITE_FAULTS
+        transient = fresh_pool = getattr(error, "sqlite_errorcode", 0) & 0xFF in SQLITE_FAULTS
     else:
         sqlstate = getattr(error, "sqlstate", None)
         transient = sqlstate.startswith(POSTGRES_FAULTS) if sqlstate else type(error).__name__ == "OperationalError"
+        fresh_pool = transient and (sqlstate is None or sqlstate.startswith(POSTGRES_CONNECTION_LOST))
     if not transient:
         return None
+    current_app.logger.warning("database fault, answered 503: %s", error)
     pooled = g.pop("connection", None)
-    if pooled is not None:
+    if pooled is not None and fresh_pool:
         getattr(pooled, "pooled", pooled).invalidate()
-    db.engine.dispose(close=False)
-    said = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
-    return ApiError(503, "database_unavailable", f"The database failed for a moment ({said}). Retry shortly.",
+        db.engine.dispose()  # closes the idle ones; those in use are dropped when given back
+    elif pooled is not None:
+        pooled.close()
+    return ApiError(503, "database_unavailable", "The database failed for a moment; the server's log says how. Retry shortly.",
                     type="network", headers={"Retry-After": "1"})
 
 

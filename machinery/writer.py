@@ -126,8 +126,8 @@ class Write:
         try:
             self.result, self.error = self.context.run(self.work, db_connection), None
         except Exception as error:
-            if is_retryable(error):
-                raise  # the whole transaction is retried
+            if is_retryable(error) or not db_connection.in_transaction:
+                raise  # the whole transaction is retried, or SQLite rolled it back (a full disk, an I/O error)
             db_connection.execute("ROLLBACK TO SAVEPOINT write")  # undo this write, and only it
             self.result, self.error = None, error
         db_connection.execute("RELEASE SAVEPOINT write")

@@ -11,7 +11,7 @@ from sqlalchemy import event
 
 import machinery.writer as writer
 
-from app import create_app
+from app import create_app, in_write_transaction
 from helpers import assert_error, create, database_path, group, mutate, shut_down, sign_in, snapshot, todo, wire
 from models import db
 
@@ -291,3 +291,19 @@ def test_a_lost_database_connection_is_503_network_and_the_first_request_after_i
     assert snapshot(app) == before
     assert wire(mutate(client, todo("t1", "g1"))) == wire({"lastSyncId": 3})
     shut_down(app)
+
+
+def test_a_write_whose_transaction_the_database_rolled_back_fails_with_the_databases_own_error(app, seeded):
+    """SQLite rolls a whole transaction back on a full disk or an I/O error: the error the client's
+    answer is made from must be that one (503, retry), not 'no such savepoint' (500, roll back)."""
+
+    class DiskFull(Exception):
+        pass
+
+    def work(db_connection):
+        db_connection.execute("ROLLBACK")  # as the database does by itself
+        raise DiskFull()
+
+    with app.app_context(), pytest.raises(DiskFull):
+        in_write_transaction(work)
+    mutate(seeded, create("Author", "a9", name="A"))  # and the next write is fine

@@ -21,6 +21,15 @@ def test_a_string_over_max_string_bytes_is_413_and_writes_nothing(app, seeded):
     mutate(seeded, big_todo("t9", app.config["MAX_STRING_BYTES"]))  # at the limit: allowed
 
 
+def test_a_string_is_measured_as_the_log_stores_it_so_one_within_its_limit_fits_a_row(app, seeded):
+    limit = app.config["MAX_STRING_BYTES"]
+    accented = todo("t9", "g1") | {"data": todo("t9", "g1")["data"] | {"text": "é" * (limit // 6)}}  # \u00e9 each
+    mutate(seeded, accented)
+    accented["data"]["id"] = accented["modelId"] = "t10"
+    accented["data"]["text"] += "é"
+    assert_error(seeded.post("/mutate", json={"changes": [accented]}), 413, "string_too_large")
+
+
 def test_a_row_over_max_row_bytes_is_413_and_writes_nothing(app, seeded):
     app.config["MAX_ROW_BYTES"] = 1_000
     before = snapshot(app)
