@@ -34,7 +34,7 @@ from machinery import postgres
 from machinery.database import DbConnection, Flavour, configure_database, connection, create_schema, flavour, read_transaction
 from machinery.database import as_fault, engine_options, own_connection, read_in_time, return_connection, schema_is_complete
 from machinery.errors import ApiError
-from machinery.input import LIMITS, CommaList, SyncId, WaitSeconds, check_sizes, json_body, load, query_args, shared, short
+from machinery.input import LIMITS, CommaList, SyncId, WaitSeconds, json_body, load, query_args, shared, short, within_limits
 from machinery.long_poll import REREAD, HeldPolls, held_polls, membership_changed
 from machinery.writer import Writer
 from models import INT64, MAX_ID_LENGTH, SYNCED_MODELS, SyncedModel, db, model_id
@@ -302,8 +302,8 @@ def apply_transaction(
     # Read inside the write transaction, so a membership change is either wholly before it or after it.
     caller = Caller(user_id, set(caller_sync_groups(user_id, db_connection)))
     # Every row first, then the log: a refused change takes no syncId, and the log's lock is held only from there to COMMIT.
-    pending = [apply_change(db_connection, index, change, caller) for index, change in enumerate(changes)]
-    check_sizes(changes, pending)  # every row small enough to be served, and the whole too (413)
+    applied = (apply_change(db_connection, index, change, caller) for index, change in enumerate(changes))
+    pending = list(within_limits(changes, applied))  # every row small enough to be served, and the whole too (413)
     last_sync_id = append_to_log(db_connection, pending)
     if transaction_id is not None:
         insert = "INSERT INTO client_transaction (user_id, transaction_id, changes_sha256, last_sync_id) VALUES (?, ?, ?, ?)"

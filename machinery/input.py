@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+from collections.abc import Iterator
 from typing import Any
 
 from flask import current_app, request
@@ -131,11 +132,12 @@ def bounded(messages: Any) -> Any:
     return short(messages) if isinstance(messages, str) and len(messages) > 4 * QUOTED else messages
 
 
-def check_sizes(changes: list, pending: list) -> None:
-    """Inside the write transaction, before the log is written: each change's strings, the rows
-    its sync actions would carry, and their sum, within the limits; else 413, nothing written."""
-    config, total = current_app.config, 0
-    for index, (change, action) in enumerate(zip(changes, pending)):
+def within_limits(changes: list, applied: Iterator) -> Iterator:
+    """Inside the write transaction, each change's sync action as `applied` applies it, until a
+    string, its row or the transaction's rows pass their limits: then 413, nothing written, and
+    the write lock held only until that change, not for the rest of the transaction."""
+    config, total, applied = current_app.config, 0, iter(applied)
+    for index, change in enumerate(changes):
         where = f"changes[{index}] ({change.action} {change.model.name} {short(change.model_id)})"
         for name, value in change.data.items():
             # Measured as the log stores it: JSON in ASCII, other characters escaped (\u00e9: 6 bytes).
@@ -144,14 +146,16 @@ def check_sizes(changes: list, pending: list) -> None:
                 field = change.model.wire_name(name)
                 raise ApiError(413, "string_too_large", f"{where}: {field} is {size:,} bytes as stored, over MAX_STRING_BYTES "
                                f"({config['MAX_STRING_BYTES']:,}).", details={"change": index})
+        action = next(applied)
         size = len(action.data.encode()) if action.data else 0
         if size > config["MAX_ROW_BYTES"]:
             raise ApiError(413, "row_too_large", f"{where}: the row would be {size:,} bytes, over MAX_ROW_BYTES "
                            f"({config['MAX_ROW_BYTES']:,}).", details={"change": index})
         total += size
-    if total > config["MAX_TRANSACTION_BYTES"]:
-        raise ApiError(413, "transaction_too_large", f"The transaction's rows would be {total:,} bytes, over MAX_TRANSACTION_BYTES "
-                       f"({config['MAX_TRANSACTION_BYTES']:,}): send it in smaller transactions.")
+        if total > config["MAX_TRANSACTION_BYTES"]:
+            raise ApiError(413, "transaction_too_large", f"The transaction's rows would be over MAX_TRANSACTION_BYTES "
+                           f"({config['MAX_TRANSACTION_BYTES']:,}) at {where}: send it in smaller transactions.")
+        yield action
 
 
 def load(schema: Schema, data: Any) -> Any:

@@ -4,6 +4,8 @@ nothing, and quotes at most a short prefix of what was sent; each limit is a set
 
 import json
 
+import app as app_module
+
 from helpers import assert_error, create, mutate, snapshot, todo, update
 
 
@@ -37,6 +39,19 @@ def test_a_row_over_max_row_bytes_is_413_and_writes_nothing(app, seeded):
     error = assert_error(response, 413, "row_too_large")
     assert "MAX_ROW_BYTES (1,000)" in error["message"] and error["details"] == {"change": 1}
     assert snapshot(app) == before
+
+
+def test_a_transaction_over_its_limit_is_refused_at_the_change_that_passes_it_not_after_the_last(app, seeded, monkeypatch):
+    """The write lock is held while changes are applied: a refused transaction stops at once."""
+    mutate(seeded, big_todo("t9", 30_000))
+    applied = []
+    real_apply_change = app_module.apply_change
+    monkeypatch.setattr(app_module, "apply_change", lambda *args: applied.append(args[1]) or real_apply_change(*args))
+
+    response = seeded.post("/mutate", json={"changes": [update("Todo", "t9", likeCount=n) for n in range(1_000)]})
+
+    error = assert_error(response, 413, "transaction_too_large")
+    assert f"at changes[{applied[-1]}]" in error["message"] and len(applied) < 100, len(applied)
 
 
 def test_many_updates_of_a_large_row_are_413_and_the_groups_sync_keeps_working(app, seeded):
