@@ -166,12 +166,10 @@ def as_fault(error: BaseException) -> ApiError | None:
     if not transient:
         return None
     current_app.logger.warning("database fault, answered 503: %s", error)
-    pooled = g.pop("connection", None)
-    if pooled is not None and fresh_pool:
-        getattr(pooled, "pooled", pooled).invalidate()
+    if fresh_pool:
+        if (pooled := g.pop("connection", None)) is not None:
+            getattr(pooled, "pooled", pooled).invalidate()
         db.engine.dispose()  # closes the idle ones; those in use are dropped when given back
-    elif pooled is not None:
-        pooled.close()
     return ApiError(503, "database_unavailable", "The database failed for a moment; the server's log says how. Retry shortly.",
                     type="network", headers={"Retry-After": "1"})
 

@@ -61,11 +61,9 @@ class HeldPoll:
 
     def __init__(self, user_id: int, page: dict[str, Any], limit: int, reads_before: int):
         self.user_id, self.cursor, self.limit = user_id, page["lastSyncId"], limit
-        self.sync_groups_json = page["syncGroups"]
-        self.sync_groups = json.loads(page["syncGroups"])
+        self.sync_groups_json, self.sync_groups = page["syncGroups"], json.loads(page["syncGroups"])
         self.changes_seen = page["membershipChanges"]  # the newest membership change its page's snapshot saw
-        self.reads_before = reads_before
-        self.answer: Any = None
+        self.reads_before, self.answer = reads_before, None  # answer: a page, or REREAD, set by a read
         self.woken = threading.Event()
 
 
@@ -105,9 +103,9 @@ class HeldPolls:
             poll = HeldPoll(user_id, page, limit, self.reads_begun)
             self.start_threads()
             idle = self.count == 0
-            self.next_from = poll.cursor if idle or self.next_from is None else min(self.next_from, poll.cursor)
-            seen = poll.changes_seen
-            self.next_changes_from = seen if idle or self.next_changes_from is None else min(self.next_changes_from, seen)
+            if idle:  # what was read before is no guide: commits went unwatched
+                self.next_from = self.next_changes_from = None
+            self.next_read_from(poll.cursor, poll.changes_seen)
             self.count += 1
             self.earliest_end = min(self.earliest_end, poll.cursor + limit)
             for sync_group in poll.sync_groups:
@@ -210,14 +208,12 @@ class HeldPolls:
                 try:
                     head, changes_head, changes, actions = self.read(connection, start, changes_start)
                 except Exception:
-                    with self.lock:  # the next read starts here again
-                        self.next_from = start if self.next_from is None else min(self.next_from, start)
-                        self.next_changes_from = changes_start if self.next_changes_from is None else min(self.next_changes_from, changes_start)
+                    with self.lock:
+                        self.next_read_from(start, changes_start)  # this one, again
                     raise
                 with self.lock:
                     answered = self.dispatch(start, head, changes_start, changes, actions)
-                    self.next_from = head if self.next_from is None else min(self.next_from, head)
-                    self.next_changes_from = changes_head if self.next_changes_from is None else min(self.next_changes_from, changes_head)
+                    self.next_read_from(head, changes_head)
                     self.reads_done, self.head, self.changes_head = self.reads_begun, head, changes_head
                     if self.next_from < head or self.next_changes_from < changes_head or head == start + MAX_READ:
                         self.read_again()  # for polls held during the read, or for the rest of a long run
@@ -228,6 +224,10 @@ class HeldPolls:
                         poll.woken.set()
         finally:
             connection.close()
+
+    def next_read_from(self, start: int, changes_start: int) -> None:  # under the lock: the next read starts at or below these
+        self.next_from = start if self.next_from is None else min(self.next_from, start)
+        self.next_changes_from = changes_start if self.next_changes_from is None else min(self.next_changes_from, changes_start)
 
     def connect(self):
         """A connection of the reader's own, set up as the pool's are (database.configure_database)."""
