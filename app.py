@@ -168,15 +168,16 @@ def caller_sync_groups(user_id: int, db_connection: DbConnection) -> list[str]:
 
 def new_user(db_connection: DbConnection, name: str) -> tuple[int, str]:
     (user_id,) = db_connection.execute("INSERT INTO users (name, token_sha256) VALUES (?, '') RETURNING id", (name,)).fetchone()
-    return user_id, new_token(db_connection, user_id)
+    return user_id, new_token(db_connection, user_id, first=True)
 
 
-def new_token(db_connection: DbConnection, user_id: int, revoke: bool = False) -> str | None:
+def new_token(db_connection: DbConnection, user_id: int, revoke: bool = False, first: bool = False) -> str | None:
     """A new token for the user, or none; the old one stops at once, held polls included. Only a
     hash of the secret is kept (none hashes to ''), so this is the one chance to see the token."""
     secret = None if revoke else secrets.token_urlsafe(32)
     db_connection.execute("UPDATE users SET token_sha256 = ? WHERE id = ?", (sha256(secret) if secret else "", user_id))
-    membership_changed(db_connection, user_id)  # its held polls, on every process, check their token again
+    if not first:  # the old token's held polls, on every process, check it again (a new user has none)
+        membership_changed(db_connection, user_id)
     return secret and f"{user_id}.{secret}"
 
 
