@@ -26,11 +26,11 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from flask import Blueprint, Flask, current_app, g, render_template, request
+from flask import Blueprint, Flask, current_app, g, request
 from marshmallow import Schema, ValidationError, fields, post_load, validate, validates_schema
 from werkzeug.exceptions import HTTPException
 
-from machinery import postgres
+from machinery import browser, postgres
 from machinery.database import DbConnection, Flavour, configure_database, connection, create_schema, flavour, read_transaction
 from machinery.database import as_fault, engine_options, own_connection, read_in_time, return_connection, schema_is_complete
 from machinery.errors import ApiError
@@ -96,30 +96,14 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
     app.register_blueprint(api)
     app.add_url_rule("/openapi.json", view_func=openapi.openapi_document)  # not on `api`: it needs no token
-    app.add_url_rule("/", view_func=demo_page)
-    app.after_request(allow_cross_origin)
+    app.add_url_rule("/", view_func=browser.demo_page)  # and CORS: what a client in a browser needs
+    app.after_request(browser.allow_cross_origin)
     app.register_error_handler(ApiError, error_response)
     app.register_error_handler(HTTPException, http_error)
     app.register_error_handler(Exception, unexpected_error)
     for command in cli.COMMANDS:
         app.cli.add_command(command)
     return app
-
-
-def allow_cross_origin(response):
-    # Client prototypes often run on another origin (a dev server). The API
-    # uses no cookies, so a page can only send what it could send anyway.
-    response.headers["Access-Control-Allow-Origin"] = current_app.config["CORS_ORIGIN"]
-    response.headers["Access-Control-Allow-Methods"] = "GET, POST"
-    response.headers["Access-Control-Allow-Headers"] = "Content-Type, Authorization"
-    response.headers["Access-Control-Expose-Headers"] = "Retry-After"
-    response.headers["Access-Control-Max-Age"] = "600"
-    return response
-
-
-def demo_page():
-    """Two clients side by side, built on static/loco-network.js; the tokens come from the URL fragment."""
-    return render_template("demo.html")
 
 
 # --- 2. Who is calling -----------------------------------------------------
@@ -202,6 +186,10 @@ class Change:
     model: SyncedModel
     model_id: str
     data: dict[str, Any]
+
+    def where(self, index: int) -> str:
+        """How a refusal names the change: changes[2] (update Todo 't1')."""
+        return f"changes[{index}] ({self.action} {self.model.name} {short(self.model_id)})"
 
 
 class ChangeSchema(Schema):
@@ -317,8 +305,7 @@ def apply_change(db_connection: DbConnection, index: int, change: Change, caller
     model, sql, dialect = change.model, change.model.sql, flavour().dialect
 
     def reject(code: str, reason: str, status: int = 409):
-        where = f"changes[{index}] ({change.action} {model.name} {change.model_id!r})"
-        raise ApiError(status, code, f"{where}: {reason}", details={"change": index})
+        raise ApiError(status, code, f"{change.where(index)}: {reason}", details={"change": index})
 
     def authorize(sync_groups: list[str], reason: str) -> None:
         # Type server, not auth: the client retries an auth error forever, but rolls back on server.

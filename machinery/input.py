@@ -138,7 +138,7 @@ def within_limits(changes: list, applied: Iterator) -> Iterator:
     the write lock held only until that change, not for the rest of the transaction."""
     config, total, applied = current_app.config, 0, iter(applied)
     for index, change in enumerate(changes):
-        where = f"changes[{index}] ({change.action} {change.model.name} {short(change.model_id)})"
+        where = change.where(index)
         for name, value in change.data.items():
             # Measured as the log stores it: JSON in ASCII, other characters escaped (\u00e9: 6 bytes).
             size = len(json.dumps(value)) - 2 if isinstance(value, str) and len(value) * 12 > config["MAX_STRING_BYTES"] else 0
