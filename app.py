@@ -56,7 +56,6 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app = Flask(__name__, instance_relative_config=True)
     app.config.from_mapping(
         SQLALCHEMY_DATABASE_URI=os.environ.get("DATABASE_URL") or "sqlite:///" + os.path.join(app.instance_path, "loco.sqlite3"),
-        MAX_CONTENT_LENGTH=1024 * 1024,
         SQLITE_BUSY_TIMEOUT_MS=2000,  # how long one attempt waits for the write lock
         BUSY_RETRIES=3,  # SQLite: further attempts, with backoff, before answering 503
         BUSY_BACKOFF_S=0.05,
@@ -69,7 +68,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         POOL_SIZE=10,  # connections a process may use at once; a held poll uses none (docs/production.md)
         POOL_TIMEOUT_S=5,  # then a request waiting for one is answered 503, type network
         BOOTSTRAP_MAX_S=60,  # a bootstrap not read by then is cut off (the client retries), so its snapshot ends
-        **LIMITS,  # the largest string, row and transaction a client may write (machinery/input.py)
+        **LIMITS,  # the largest body, string, row, transaction, page and groups of a user (machinery/input.py)
     )
     if test_config is None:
         app.config.from_pyfile("config.py", silent=True)
@@ -114,27 +113,29 @@ def authenticate() -> None:
     """Every API request names its user with `Authorization: Bearer <token>`."""
     if request.method == "OPTIONS":
         return  # a CORS preflight carries no credentials
-    g.user_id = user_for_token(request.headers.get("Authorization"))
+    g.user_id, g.token_sha256 = user_for_token(request.headers.get("Authorization"))
 
 
 TOKEN = re.compile(r"(?i:bearer) +([1-9][0-9]{0,17})\.([A-Za-z0-9_-]{1,100})")
 NO_SUCH_TOKEN = hashlib.sha256(b"").hexdigest()
 
 
-def user_for_token(header: str | None) -> int:
+def user_for_token(header: str | None) -> tuple[int, str]:
     if not header:
         raise unauthorized("Send the header Authorization: Bearer <token>.")
     match = TOKEN.fullmatch(header.strip())
     if match is None:
         raise unauthorized("The Authorization header must be 'Bearer <token>', with a token as printed by "
                            "`flask --app app create-user` or `seed`.")
-    user_id = int(match[1])
+    user_id, token_sha256 = int(match[1]), sha256(match[2])
     stored = connection().execute("SELECT token_sha256 FROM users WHERE id = ?", (user_id,)).fetchone()
-    # Compare hashes in constant time, and compare even when there is no such user.
-    known = hmac.compare_digest(sha256(match[2]), stored[0] if stored else NO_SUCH_TOKEN)
-    if not (stored and known):
+    check_token(stored and stored[0], token_sha256)
+    return user_id, token_sha256
+
+
+def check_token(stored_sha256: str | None, token_sha256: str) -> None:  # in constant time, even when there is no such user
+    if not hmac.compare_digest(token_sha256, stored_sha256 or NO_SUCH_TOKEN) or not stored_sha256:
         raise unauthorized("Unknown token.")
-    return user_id
 
 
 def unauthorized(message: str) -> ApiError:
@@ -145,7 +146,11 @@ def sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def caller_sync_groups(user_id: int, db_connection: DbConnection) -> list[str]:
+def caller_sync_groups(db_connection: DbConnection, user_id: int, token_sha256: str | None) -> list[str]:
+    """The caller's groups, read where they are used, and its token checked again there: one revoked
+    since authenticate() is refused, not served (or let write) from a snapshot after its revocation."""
+    if token_sha256 is not None:
+        check_token(db_connection.execute("SELECT token_sha256 FROM users WHERE id = ?", (user_id,)).fetchone()[0], token_sha256)
     memberships = db_connection.execute("SELECT sync_group FROM memberships WHERE user_id = ? ORDER BY sync_group", (user_id,))
     return ["all", *(sync_group for (sync_group,) in memberships)]
 
@@ -234,7 +239,7 @@ class MutateSchema(Schema):
 def mutate():
     body = json_body()
     mutation = load(shared(MutateSchema), body)
-    transaction = (mutation["changes"], g.user_id, mutation.get("transaction_id"), fingerprint(body["changes"]))
+    transaction = (mutation["changes"], g.user_id, mutation.get("transaction_id"), fingerprint(body["changes"]), g.token_sha256)
     last_sync_id = in_write_transaction(lambda db_connection: apply_transaction(db_connection, *transaction))
     held_polls().log_may_have_grown()  # this process's held polls see it now, not at their next check
     return {"lastSyncId": last_sync_id}
@@ -274,12 +279,13 @@ class PendingAction:
     sync_groups: list[str]
 
 
-def apply_transaction(
-    db_connection: DbConnection, changes: list[Change], user_id: int, transaction_id: str | None, changes_sha256: str
-) -> int:
-    """Inside one write transaction: check and apply each change as `user_id`,
-    append one sync action per change with its group links, and return the
-    greatest syncId written. A retried transactionId is answered, not applied again."""
+def apply_transaction(db_connection: DbConnection, changes: list[Change], user_id: int, transaction_id: str | None,
+                      changes_sha256: str, token_sha256: str | None = None) -> int:
+    """Inside one write transaction: check and apply each change as `user_id`, whose token a
+    request gives (a command, such as seed, gives none), append one sync action per change with
+    its group links, and return the greatest syncId written. A retried transactionId is answered, not applied again."""
+    # Read inside the write transaction, so a membership change or a revoked token is either wholly before it or after it.
+    caller = Caller(user_id, set(caller_sync_groups(db_connection, user_id, token_sha256)))
     if transaction_id is not None:
         committed = "SELECT changes_sha256, last_sync_id FROM client_transaction WHERE user_id = ? AND transaction_id = ?"
         done = db_connection.execute(committed, (user_id, transaction_id)).fetchone()
@@ -288,8 +294,6 @@ def apply_transaction(
                 message = f"transactionId {transaction_id!r} was already committed with different changes."
                 raise ApiError(409, "transaction_id_reused", message)
             return done[1]  # a retry: answer it, write nothing
-    # Read inside the write transaction, so a membership change is either wholly before it or after it.
-    caller = Caller(user_id, set(caller_sync_groups(user_id, db_connection)))
     # Every row first, then the log: a refused change takes no syncId, and the log's lock is held only from there to COMMIT.
     applied = (apply_change(db_connection, index, change, caller) for index, change in enumerate(changes))
     pending = list(within_limits(changes, applied))  # every row small enough to be served, and the whole too (413)
@@ -452,7 +456,7 @@ def bootstrap():
     db_connection = own_connection()
     try:
         db_connection.execute(chosen.begin_read)
-        allowed = caller_sync_groups(g.user_id, db_connection)
+        allowed = caller_sync_groups(db_connection, g.user_id, g.token_sha256)
         sync_groups = allowed if query["type"] == "eager" else query["sync_groups"]
         lacking = [group for group in sync_groups if group not in allowed]
         if lacking:
@@ -525,7 +529,7 @@ def sync():
     query = load(shared(SyncQuerySchema), query_args())
     if "since" not in query:  # the handshake
         with read_transaction() as db_connection:
-            head, sync_groups = read_head(db_connection), caller_sync_groups(g.user_id, db_connection)
+            head, sync_groups = read_head(db_connection), caller_sync_groups(db_connection, g.user_id, g.token_sha256)
         return {"sync": [], "lastSyncId": head, "syncGroups": sync_groups, "hasMore": False}
 
     since, limit = query["since"], query.get("limit", DEFAULT_LIMIT)
@@ -535,8 +539,7 @@ def sync():
     if "wait" in query and not page["sync"] and not page["hasMore"]:
         return_connection()  # a held poll holds no connection, and no snapshot
         woken = held_polls().hold(g.user_id, page, limit, deadline, request.environ)  # machinery/long_poll.py
-        if woken is REREAD:  # its user's groups changed, or init-db ran: its token and cursor are checked again
-            user_for_token(request.headers.get("Authorization"))
+        if woken is REREAD:  # its user's groups or token changed, or init-db ran: its token and cursor are checked again
             page = read_page(page["lastSyncId"], None, limit)
         elif woken is not None:  # answered from the one read its process made of the new actions
             page = woken
@@ -544,13 +547,13 @@ def sync():
 
 
 def read_page(since: int, until: int | None, limit: int) -> dict[str, Any]:
-    """The caller's actions in (since, until], `until` at most the head: the
-    cursor never moves past an action the page did not carry."""
+    """The caller's actions in (since, until], `until` at most the head: the cursor never moves past an action the page did not carry."""
     last = INT64[1] if until is None else until
     # The page scans at most `limit` syncIds; summed here, where integers do not overflow.
-    params = {"user_id": g.user_id, "since": since, "until": min(last, since + limit)}
+    params = {"user_id": g.user_id, "since": since, "until": min(last, since + limit), "max_bytes": current_app.config["MAX_PAGE_BYTES"]}
     statement = postgres.PAGE if flavour().postgres else PAGE_SQLITE  # the same statement in PostgreSQL's dialect
-    log_start, head, cursor, sync_groups, actions, changes = connection().execute(statement, params).fetchone()
+    log_start, head, cursor, sync_groups, actions, changes, token_sha256 = connection().execute(statement, params).fetchone()
+    check_token(token_sha256, g.token_sha256)  # in the page's snapshot: see caller_sync_groups
     if not log_start <= since <= head:
         reason = f"since={since} is not a cursor of this database, whose log runs from {log_start} to {head}"
         raise ApiError(409, "unknown_cursor", f"{reason}: the database was reset after this client synced. Bootstrap again.")
@@ -558,14 +561,11 @@ def read_page(since: int, until: int | None, limit: int) -> dict[str, Any]:
             "membershipChanges": changes}  # for a long poll: how far this snapshot saw memberships change
 
 
-# A poll is one statement, so it reads one snapshot without BEGIN and COMMIT:
-# where the log starts and ends, the caller's sync groups, and the page of
-# actions they may see, encoded as the wire's JSON by SQLite. A page scans
-# `limit` syncIds and returns those the caller may see; the cursor moves past
-# the ones it may not, so a long run of them can never make a request slow or
-# stall a client. (Every statement a request runs hands the GIL to another
-# thread and waits to get it back: one statement instead of six made a poll
-# under gunicorn about twice as fast.)
+# A poll is one statement, so it reads one snapshot without BEGIN and COMMIT: where the log starts and ends,
+# the caller's groups and token, and the page of actions they may see, as the wire's JSON. A page scans `limit`
+# syncIds and returns those the caller may see, stopping early after MAX_PAGE_BYTES; the cursor moves past the
+# ones it may not, so a long run of them can never make a request slow or stall a client. (Every statement hands
+# the GIL to another thread and waits to get it back: one statement, not six, made a poll twice as fast.)
 WIRE_ACTION_SQLITE = """CASE WHEN data IS NULL OR data = 'null'  -- a delete; 'null' as older versions stored it
         THEN json_object('syncId', id, 'action', action, 'modelName', model_name, 'modelId', model_id)
         ELSE json_object('syncId', id, 'action', action, 'modelName', model_name, 'modelId', model_id, 'data', json(data))
@@ -581,29 +581,40 @@ caller_groups(sync_group) AS (
 page(cursor) AS (
     SELECT min(:until, head) FROM log
 ),
-visible(wire) AS (
-    SELECT {WIRE_ACTION_SQLITE}
+visible(id, wire) AS (
+    SELECT id, {WIRE_ACTION_SQLITE}
     FROM sync_action
     WHERE id IN (
         SELECT sync_action_id FROM sync_action_group  -- an index range scan per group: see models.py
         WHERE sync_group IN caller_groups AND sync_action_id > :since AND sync_action_id <= (SELECT cursor FROM page)
     )
+),
+sized(id, wire, before) AS (  -- before: the page's bytes before this action; the first always fits
+    SELECT id, wire, sum(length(wire) + 1) OVER (ORDER BY id) - length(wire) - 1 FROM visible
+),
+fitting(id, wire) AS (
+    SELECT id, wire FROM sized WHERE before < :max_bytes
     ORDER BY id  -- kept by group_concat: SQLite never flattens an ordered subquery into an aggregate
 )
-SELECT log_start, head, cursor,
+SELECT log_start, head,
+    CASE WHEN EXISTS (SELECT 1 FROM sized WHERE before >= :max_bytes) THEN (SELECT max(id) FROM fitting) ELSE cursor END,
     (SELECT json_group_array(sync_group) FROM (SELECT sync_group FROM caller_groups ORDER BY sync_group != 'all', sync_group)),
-    (SELECT coalesce(group_concat(wire, ','), '') FROM visible),
-    (SELECT coalesce(max(id), 0) FROM membership_change)
+    (SELECT coalesce(group_concat(wire, ','), '') FROM fitting),
+    (SELECT coalesce(max(id), 0) FROM membership_change),
+    (SELECT token_sha256 FROM users WHERE id = :user_id)
 FROM log, page
 """
 
 
 def page_response(page: dict[str, Any]):
-    """`sync` and `syncGroups` arrive as JSON text already. Ends with a newline, as jsonify's answers do."""
-    body = '{"sync":[%s],"lastSyncId":%d,"syncGroups":%s,"hasMore":%s}\n' % (
-        page["sync"], page["lastSyncId"], page["syncGroups"], "true" if page["hasMore"] else "false"
-    )
-    return current_app.response_class(body, mimetype="application/json")
+    """`sync` (text, or bytes that long polls share) and `syncGroups` are JSON already. Ends with a newline, as jsonify's do."""
+    sync = page["sync"] if isinstance(page["sync"], bytes) else page["sync"].encode()
+    tail = ('],"lastSyncId":%d,"syncGroups":%s,"hasMore":%s}\n' % (page["lastSyncId"], page["syncGroups"], "true" if page["hasMore"] else "false")).encode()
+    # A large page is sent as it is, not copied into a body per poll: a write to `all` may answer thousands.
+    body = [b'{"sync":[', sync, tail] if len(sync) > 65_536 else b'{"sync":[' + sync + tail
+    response = current_app.response_class(body, mimetype="application/json")
+    response.content_length = 9 + len(sync) + len(tail)
+    return response
 
 
 # --- 6. Errors --------------------------------------------------------------

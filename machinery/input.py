@@ -110,10 +110,14 @@ def shared(schema_class: type[Schema]) -> Schema:
     return schema_class()
 
 
-LIMITS = dict(  # create_app's settings; each refusal is 413 type server, naming its limit
-    MAX_STRING_BYTES=32_768,  # a string field of a row, as stored: JSON, non-ASCII escaped
-    MAX_ROW_BYTES=65_536,  # a row as its sync action carries it: a poll's page holds up to `limit` of them
-    MAX_TRANSACTION_BYTES=1_048_576,  # the rows of one transaction's sync actions, summed
+LIMITS = dict(  # create_app's settings, in /openapi.json's x-limits; a refusal names its limit, type server
+    MAX_CONTENT_LENGTH=1_048_576,  # a request body (Flask's own setting: 413 payload_too_large)
+    MAX_STRING_BYTES=32_768,  # a string field of a row, as stored: JSON, non-ASCII escaped (413)
+    MAX_ROW_BYTES=65_536,  # a row as its sync action carries it (413)
+    MAX_TRANSACTION_BYTES=1_048_576,  # the rows of one transaction's sync actions, summed (413)
+    # Not a refusal: a GET /sync page stops at the action that passes it (hasMore: true); its first always fits.
+    MAX_PAGE_BYTES=1_048_576,
+    MAX_SYNC_GROUPS_PER_USER=100,  # creating a Group past it is 403 too_many_sync_groups: each group costs every poll
 )
 QUOTED = 60  # characters of what a client sent that an error message quotes
 

@@ -33,13 +33,15 @@ from machinery.writer import commit_bell
 
 REREAD = "reread"  # hold's answer when the poll must read its page again: its user's groups changed, or init-db ran
 WAKE_AT_ONCE = 50  # polls answered between two turns of the event loop
-MAX_READ = 5000  # actions read at a time; a poll's page is at most this many syncIds (app.py's MAX_LIMIT)
+MAX_READ = 5000  # actions read at a time, as app.py's MAX_LIMIT; and MAX_PAGE_BYTES, as its pages: an answer is part of a read
 
 BOUNDS = """SELECT coalesce((SELECT max(id) FROM sync_action), (SELECT after_sync_id FROM sync_log_start), 0),
     (SELECT coalesce(max(id), 0) FROM membership_change)"""
 MEMBERSHIP_CHANGES = "SELECT id, user_id FROM membership_change WHERE id > ? AND id <= ? ORDER BY id"
-NEW_ACTIONS = """SELECT id, {wire_action}, (SELECT {concat_groups} FROM sync_action_group WHERE sync_action_id = sync_action.id)
-FROM sync_action WHERE id > ? AND id <= ? ORDER BY id"""
+NEW_ACTIONS = """SELECT id, wire, sync_groups, upto FROM (SELECT *, sum(length(wire) + 1) OVER (ORDER BY id) AS upto FROM (
+    SELECT id, {wire_action} AS wire, (SELECT {concat_groups} FROM sync_action_group WHERE sync_action_id = sync_action.id) AS sync_groups
+    FROM sync_action WHERE id > ? AND id <= ?) AS new) AS sized
+WHERE upto - length(wire) - 1 < ? ORDER BY id"""  # bytes counted as app.py's page counts them
 
 
 def held_polls() -> HeldPolls:
@@ -71,10 +73,9 @@ class HeldPolls:
     """This process's held polls, and the one reader that answers them."""
 
     def __init__(self, engine: Engine, sqlite_file: str | None, bell: str | None, config: dict, wire_action_sqlite: str):
-        self.engine, self.sqlite_file, self.bell, self.interval_s = engine, sqlite_file, bell, config["LOG_CHECK_INTERVAL_S"]
-        concat = "string_agg(sync_group, ',')" if sqlite_file is None else "group_concat(sync_group, ',')"
-        wire_action = postgres.WIRE_ACTION if sqlite_file is None else wire_action_sqlite
-        self.new_actions_sql = NEW_ACTIONS.format(wire_action=wire_action, concat_groups=concat)
+        self.engine, self.sqlite_file, self.bell, self.config = engine, sqlite_file, bell, config
+        concat, wire_action = ("string_agg", postgres.WIRE_ACTION) if sqlite_file is None else ("group_concat", wire_action_sqlite)
+        self.new_actions_sql = NEW_ACTIONS.format(wire_action=wire_action, concat_groups=f"{concat}(sync_group, ',')")
         self.lock = threading.Lock()
         self.by_group: dict[str, set[HeldPoll]] = defaultdict(set)
         self.by_user: dict[int, set[HeldPoll]] = defaultdict(set)
@@ -163,11 +164,8 @@ class HeldPolls:
     def start_threads(self) -> None:
         if self.threads:
             return
-        if self.sqlite_file is None:
-            targets = [self.read_forever, self.listen]
-        else:
-            self.inotify = commit_bell(self.bell)  # writer.py
-            targets = [self.read_forever] + ([self.watch] if self.inotify else [])
+        self.inotify = self.sqlite_file and commit_bell(self.bell)  # writer.py
+        targets = [self.read_forever] + ([self.watch] if self.sqlite_file is None or self.inotify else [])
         self.threads = [threading.Thread(target=self.keep_running, args=(target,), name=target.__name__, daemon=True)
                         for target in targets]
         for thread in self.threads:
@@ -187,7 +185,7 @@ class HeldPolls:
         connection, data_version = self.connect(), None
         # Without inotify (not Linux), another process's commit is seen by asking SQLite every
         # interval_s. With it, only this app's writers ring: a sqlite3 shell's commit waits for the next.
-        interval_s = self.interval_s if self.sqlite_file and not self.inotify else None
+        interval_s = self.config["LOG_CHECK_INTERVAL_S"] if self.sqlite_file and not self.inotify else None
         try:
             while not self.closed:
                 self.log_changed.wait(interval_s if self.count else None)
@@ -206,16 +204,16 @@ class HeldPolls:
                     self.next_from = self.next_changes_from = None
                     self.reads_begun += 1
                 try:
-                    head, changes_head, changes, actions = self.read(connection, start, changes_start)
+                    head, log_head, changes_head, changes, actions = self.read(connection, start, changes_start)
                 except Exception:
                     with self.lock:
                         self.next_read_from(start, changes_start)  # this one, again
                     raise
                 with self.lock:
-                    answered = self.dispatch(start, head, changes_start, changes, actions)
+                    answered = self.dispatch(start, head, log_head, changes_start, changes, actions)
                     self.next_read_from(head, changes_head)
                     self.reads_done, self.head, self.changes_head = self.reads_begun, head, changes_head
-                    if self.next_from < head or self.next_changes_from < changes_head or head == start + MAX_READ:
+                    if self.next_from < head or self.next_changes_from < changes_head or head < log_head:
                         self.read_again()  # for polls held during the read, or for the rest of a long run
                 for first in range(0, len(answered), WAKE_AT_ONCE):
                     if first:  # a write to `all` wakes every poll: requests already waiting (a mutation's) go first
@@ -236,20 +234,22 @@ class HeldPolls:
         pooled.detach()  # this one stays with the reader
         return connection
 
-    def read(self, connection, start: int, changes_start: int) -> tuple[int, int, list, list]:
-        """The new actions, with their sync groups, and the membership changes, in one snapshot."""
+    def read(self, connection, start: int, changes_start: int) -> tuple[int, int, int, list, list]:
+        """In one snapshot: where the read ends, the log's head, the membership changes, the new actions with their groups."""
         connection.execute("BEGIN" if self.sqlite_file else postgres.BEGIN_READ)
         try:
-            head, changes_head = connection.execute(BOUNDS).fetchone()
-            head = min(head, start + MAX_READ)
+            log_head, changes_head = connection.execute(BOUNDS).fetchone()
+            end = min(log_head, start + MAX_READ)
             changes = connection.execute(MEMBERSHIP_CHANGES, (changes_start, changes_head)).fetchall()
-            actions = connection.execute(self.new_actions_sql, (start, head)).fetchall() if head > start else []
+            actions = connection.execute(self.new_actions_sql, (start, end, self.config["MAX_PAGE_BYTES"])).fetchall() if end > start else []
         finally:
             connection.execute("COMMIT")
+        if actions and actions[-1][3] >= self.config["MAX_PAGE_BYTES"]:
+            end = actions[-1][0]  # maybe cut there: the rest is the next read's
         self.page_reads += 1
-        return head, changes_head, changes, actions
+        return end, log_head, changes_head, changes, actions
 
-    def dispatch(self, start: int, head: int, changes_start: int, changes: list, actions: list) -> list:
+    def dispatch(self, start: int, head: int, log_head: int, changes_start: int, changes: list, actions: list) -> list:
         """Answer each poll that the read concerns; returns them, to be told outside the lock. A poll held
         during the read, from a cursor before its start or changes it did not cover, waits for the next."""
         answered = []
@@ -267,7 +267,7 @@ class HeldPolls:
                         poll.answer = REREAD
                         answered.append(poll)
         found: dict[HeldPoll, list[str]] = {}
-        for sync_id, wire, sync_groups in actions:
+        for sync_id, wire, sync_groups, _ in actions:
             groups = sync_groups.split(",")  # sync group names hold no comma (models.py)
             concerned = self.by_group.get(groups[0], ()) if len(groups) == 1 else set().union(*(self.by_group.get(g, ()) for g in groups))
             for poll in concerned:
@@ -280,21 +280,21 @@ class HeldPolls:
                     found.setdefault(poll, [])
                 elif poll not in found:
                     self.earliest_end = min(self.earliest_end, poll.cursor + poll.limit)
+        joined: dict[tuple, bytes] = {}  # polls given the same actions share one answer: a 1 MB write to `all` is not copied per poll
         for poll, wires in found.items():
-            last_sync_id = min(head, poll.cursor + poll.limit)
-            poll.answer = {"sync": ",".join(wires), "lastSyncId": last_sync_id, "syncGroups": poll.sync_groups_json,
-                           "hasMore": last_sync_id < head}
+            last_sync_id, key = min(head, poll.cursor + poll.limit), tuple(map(id, wires))
+            sync = joined.get(key) or joined.setdefault(key, ",".join(wires).encode())
+            poll.answer = {"sync": sync, "lastSyncId": last_sync_id, "syncGroups": poll.sync_groups_json, "hasMore": last_sync_id < log_head}
         return answered + list(found)
 
     def watch(self) -> None:
-        """SQLite on Linux: after each commit writer.py touches a file, and inotify tells every process."""
+        """For other processes' commits. PostgreSQL: every write transaction notifies at COMMIT (postgres.notify_log),
+        on every app server. SQLite on Linux: after each commit writer.py touches a file; inotify tells every process."""
+        if self.sqlite_file is None:
+            return postgres.listen_for_commits(self.engine, lambda: self.closed, self.log_changed.set)
         try:
             while not self.closed:
                 if self.inotify.read(timeout=1000) and self.count:
                     self.log_changed.set()
         finally:
             self.inotify.close()
-
-    def listen(self) -> None:
-        """PostgreSQL: every write transaction notifies at COMMIT (postgres.notify_log), on every app server."""
-        postgres.listen_for_commits(self.engine, lambda: self.closed, self.log_changed.set)

@@ -19,8 +19,10 @@ from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 from marshmallow import Schema, fields, validate
 
-from app import SYNC_GROUP, BootstrapQuerySchema, MutateSchema, SyncQuerySchema, known_model
-from machinery.input import CommaList, SyncId, WaitSeconds
+from flask import current_app, has_app_context
+
+from app import MAX_CHANGES, SYNC_GROUP, BootstrapQuerySchema, MutateSchema, SyncQuerySchema, known_model
+from machinery.input import LIMITS, CommaList, SyncId, WaitSeconds
 from models import INT64, SYNCED_MODELS, SyncedModel, model_id
 
 
@@ -165,7 +167,8 @@ def api_operations(models: tuple[SyncedModel, ...]) -> dict[str, Any]:
                 "summary": "The handshake (without since), or the caller's sync actions after since.",
                 "parameters": [{"in": "query", "schema": SyncQuerySchema}],
                 "responses": {
-                    200: success(answers["sync"], "Pass lastSyncId as the next since; hasMore says a page follows."),
+                    200: success(answers["sync"], "Pass lastSyncId as the next since; hasMore says a page follows. "
+                                 "A page stops early after MAX_PAGE_BYTES (x-limits), at the last action it carries."),
                     400: refusal("invalid_request."),
                     401: unauthorized,
                     409: refusal("unknown_cursor: since is not a cursor of this database; bootstrap again."),
@@ -205,12 +208,15 @@ def query_field_properties(models: tuple[SyncedModel, ...]):
 
 
 def openapi_document() -> dict[str, Any]:
-    return describe_api(tuple(SYNCED_MODELS.values()))
+    config = current_app.config if has_app_context() else LIMITS  # outside a request (tests check answers against it): the defaults
+    limits = {"MAX_CHANGES": MAX_CHANGES, **{name: config[name] for name in LIMITS}}
+    return describe_api(tuple(SYNCED_MODELS.values()), tuple(limits.items()))
 
 
 @functools.cache
-def describe_api(models: tuple[SyncedModel, ...]) -> dict[str, Any]:
-    """The OpenAPI document of the API serving these synced models (built once: apispec takes a while)."""
+def describe_api(models: tuple[SyncedModel, ...], limits: tuple[tuple[str, int], ...]) -> dict[str, Any]:
+    """The OpenAPI document of the API serving these synced models, with its limits in `x-limits`
+    (built once: apispec takes a while)."""
     plugin = MarshmallowPlugin()
     spec = APISpec(
         title="Loco Sync backend",
@@ -219,6 +225,7 @@ def describe_api(models: tuple[SyncedModel, ...]) -> dict[str, Any]:
         plugins=[plugin],
         info={"description": "Mutate, bootstrap and sync for Loco Sync. Every non-2xx response is an ErrorResponse."},
         security=[{"bearer": []}],
+        **{"x-limits": dict(limits)},  # bytes, but MAX_CHANGES: docs/contract.md says what each bounds
     )
     plugin.map_to_openapi_type(SyncId, "integer", "int64")
     plugin.map_to_openapi_type(CommaList, "string", None)

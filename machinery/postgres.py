@@ -103,16 +103,25 @@ caller_groups(sync_group) AS (
 ),
 page AS (
     SELECT least(%(until)s, head) AS cursor FROM log
+),
+visible AS (
+    SELECT id, {WIRE_ACTION} AS wire
+    FROM sync_action
+    WHERE id IN (
+        SELECT sync_action_id FROM sync_action_group
+        WHERE sync_group IN (SELECT sync_group FROM caller_groups)
+          AND sync_action_id > %(since)s AND sync_action_id <= (SELECT cursor FROM page)
+    )
+),
+sized AS (
+    SELECT id, wire, sum(length(wire) + 1) OVER (ORDER BY id) - length(wire) - 1 AS before FROM visible
 )
-SELECT log_start, head, cursor,
+SELECT log_start, head,
+    CASE WHEN EXISTS (SELECT 1 FROM sized WHERE before >= %(max_bytes)s)
+        THEN (SELECT max(id) FROM sized WHERE before < %(max_bytes)s) ELSE cursor END,
     (SELECT array_to_json(array_agg(sync_group ORDER BY sync_group <> 'all', sync_group))::text FROM caller_groups),
-    (SELECT coalesce(string_agg({WIRE_ACTION}, ',' ORDER BY id), '')
-     FROM sync_action
-     WHERE id IN (
-         SELECT sync_action_id FROM sync_action_group
-         WHERE sync_group IN (SELECT sync_group FROM caller_groups)
-           AND sync_action_id > %(since)s AND sync_action_id <= (SELECT cursor FROM page)
-     )),
-    (SELECT coalesce(max(id), 0) FROM membership_change)
+    (SELECT coalesce(string_agg(wire, ',' ORDER BY id), '') FROM sized WHERE before < %(max_bytes)s),
+    (SELECT coalesce(max(id), 0) FROM membership_change),
+    (SELECT token_sha256 FROM users WHERE id = %(user_id)s)
 FROM log, page
 """

@@ -6,7 +6,7 @@ import json
 
 import app as app_module
 
-from helpers import assert_error, create, mutate, snapshot, todo, update
+from helpers import assert_error, create, mutate, read_log, snapshot, todo, update, wire
 
 
 def big_todo(todo_id: str, size: int) -> dict:
@@ -84,3 +84,30 @@ def test_an_error_quotes_at_most_a_short_prefix_of_what_was_sent(app, seeded):
         assert len(response.get_data()) < 2_000, len(response.get_data())
         assert "characters)" in json.dumps(error)  # says how long it was
 
+
+
+def test_a_page_stops_early_at_max_page_bytes_and_the_next_pages_carry_the_rest_once(app, seeded):
+    app.config["MAX_PAGE_BYTES"] = 10_000
+    since = seeded.get("/sync").get_json()["lastSyncId"]
+    mutate(seeded, *(big_todo(f"t{n}", 3_000) for n in range(10, 20)))  # 10 actions of about 3.2 KB
+
+    first = seeded.get(f"/sync?since={since}&limit=1000")
+
+    page = first.get_json()
+    assert first.status_code == 200 and len(first.get_data()) < 14_000, len(first.get_data())
+    assert len(page["sync"]) == 4 and wire(page["hasMore"]) == "true"  # the fourth starts under the limit
+    assert wire(page["lastSyncId"]) == wire(page["sync"][-1]["syncId"])  # no further: nothing skipped
+    rest = read_log(seeded, since=page["lastSyncId"], limit=1000)
+    assert wire([a["modelId"] for a in page["sync"] + rest]) == wire([f"t{n}" for n in range(10, 20)])
+
+
+def test_an_action_larger_than_max_page_bytes_still_comes_alone_in_its_page(app, seeded):
+    app.config["MAX_PAGE_BYTES"] = 1_000
+    since = seeded.get("/sync").get_json()["lastSyncId"]
+    mutate(seeded, big_todo("t9", 3_000), big_todo("t10", 3_000))
+
+    pages = [seeded.get(f"/sync?since={since}").get_json()]
+    pages.append(seeded.get(f"/sync?since={pages[0]['lastSyncId']}").get_json())
+
+    assert wire([[a["modelId"] for a in page["sync"]] for page in pages]) == wire([["t9"], ["t10"]])
+    assert wire([page["hasMore"] for page in pages]) == wire([True, False])

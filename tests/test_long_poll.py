@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from app import create_app
-from helpers import assert_error, database_path, group, mutate, sign_in, todo, wire
+from helpers import assert_error, database_path, group, mutate, read_log, sign_in, todo, update, wire
 from models import db
 from servers import Api, Gunicorn
 
@@ -154,6 +154,42 @@ def test_a_poll_whose_page_fills_with_actions_it_may_not_see_is_answered_over_se
 
     finished(poll, 10)
     assert wire(poll["body"]) == wire({"sync": [], "lastSyncId": since + 5, "syncGroups": ["all", "group:g2"], "hasMore": True})
+
+
+def test_a_held_polls_answer_stops_at_max_page_bytes_and_says_there_is_more(app, seeded, base_url):
+    app.config["MAX_PAGE_BYTES"] = 10_000
+    held, since = app.extensions["held_polls"], head(seeded)
+    poll = poll_in_background(base_url, seeded.token, f"since={since}&wait=20")
+    while held.count < 1:
+        time.sleep(0.01)
+
+    big = [todo(f"t{n}", "g1", text="x" * 3_000) for n in range(10, 20)]  # about 3.2 KB each
+    last_sync_id = mutate(seeded, *big)["lastSyncId"]
+
+    answer = finished(poll, 10)["body"]
+    assert [a["modelId"] for a in answer["sync"]] == ["t10", "t11", "t12", "t13"]  # the fourth starts under the limit
+    assert wire(answer["lastSyncId"]) == wire(since + 4) and wire(answer["hasMore"]) == "true"
+    rest = seeded.get(f"/sync?since={answer['lastSyncId']}&wait=1").get_json()
+    assert wire([a["syncId"] for a in rest["sync"]]) == wire(list(range(since + 5, since + 9)))
+    assert wire(rest["lastSyncId"]) == wire(since + 8) and last_sync_id == since + 10
+
+
+def test_polls_answered_with_the_same_actions_share_one_answer_not_a_copy_each(app, seeded, base_url, monkeypatch):
+    """A 1 MB write to `all` with 1,000 polls held made a worker grow by 1 GB, one copy per poll."""
+    held, since, answers = app.extensions["held_polls"], head(seeded), []
+    dispatch = held.dispatch
+    monkeypatch.setattr(held, "dispatch", lambda *args: [answers.append(poll.answer) or poll for poll in dispatch(*args)])
+    polls = [poll_in_background(base_url, seeded.token, f"since={since}&wait=20") for _ in range(8)]
+    while held.count < 8:
+        time.sleep(0.01)
+
+    names = [update("Author", "a1", name="x" * 30_000), update("Author", "a1", name="y" * 30_000), update("Author", "a1", name="Ada")]
+    mutate(seeded, *names)  # in `all`: every poll's; over 64 KB, so sent as it is
+
+    bodies = [finished(poll, 10)["body"] for poll in polls]
+    assert len(answers) == 8 and len({id(answer["sync"]) for answer in answers}) == 1
+    assert wire(bodies) == wire([{"sync": read_log(seeded, since), "lastSyncId": since + 3, "syncGroups": ["all", "group:g1", "group:g2"],
+                                  "hasMore": False}] * 8)
 
 
 def test_a_reader_that_the_database_fails_starts_again(app, seeded, base_url, monkeypatch):

@@ -135,6 +135,14 @@ def test_query_parameters_are_typed(document):
     assert bootstrap["models"][1]["type"] == bootstrap["syncGroups"][1]["type"] == "string"
 
 
+def test_the_limits_a_client_must_keep_are_in_the_document_as_this_server_sets_them(app, anonymous):
+    app.config["MAX_PAGE_BYTES"] = 12_345
+    limits = anonymous.get("/openapi.json").get_json()["x-limits"]
+    expected = {"MAX_CONTENT_LENGTH": 1_048_576, "MAX_CHANGES": 1000, "MAX_STRING_BYTES": 32_768, "MAX_ROW_BYTES": 65_536,
+                "MAX_TRANSACTION_BYTES": 1_048_576, "MAX_PAGE_BYTES": 12_345, "MAX_SYNC_GROUPS_PER_USER": 100}
+    assert json.dumps(limits, sort_keys=True) == json.dumps(expected, sort_keys=True)
+
+
 MODELS_LISTS = ["", "Todo", "Todo,Group,Author", "Todo,Todo", "Todo,", ",Todo", "todo", "Todo Group", "Todo,,Group"]
 SYNC_GROUP_LISTS = ["all", "group:g1", "group:g1,all", "", "group:", "group:g1,", "al", "group:a,b", "group:" + "x" * 256]
 
