@@ -322,34 +322,34 @@ def apply_change(db_connection: DbConnection, index: int, change: Change, caller
     if change.action == "create":
         if row is not None:
             reject("already_exists", f"{model.name} {change.model_id!r} already exists.")
-        row = change.data
+        row = change.data | ({model.writers.owner: caller.user_id} if model.writers.owner else {})  # tied to its writer
         sync_groups = model.sync_groups.groups_of(row)
         if model.owns_sync_group:
             if caller.linked.intersection(sync_groups) or has_history(db_connection, sync_groups):
                 # Its actions are still linked to the group: a new owner would receive them.
                 reject("sync_group_reused", f"{model.name} id {change.model_id!r} was used before; choose a new one.")
+            if len(caller.sync_groups) > current_app.config["MAX_SYNC_GROUPS_PER_USER"]:  # `all` and the rest
+                reject("too_many_sync_groups", f"you are in {len(caller.sync_groups) - 1:,} groups, as many as MAX_SYNC_GROUPS_PER_USER allows.", 403)
             for group in sync_groups:  # whoever creates a sync group is its first member
                 join(db_connection, caller.user_id, group)
                 caller.sync_groups.add(group)
         authorize(sync_groups, f"you are not a member of {', '.join(sync_groups)}.")
-        check_references(db_connection, model, row, reject)
+        check_references(db_connection, model, row, reject, caller.user_id, change.data)
         written = db_connection.execute(sql.insert, model.stored(row, dialect))
     else:
         if row is None:
             reject("does_not_exist", f"{model.name} {change.model_id!r} does not exist.")
         sync_groups = model.sync_groups.groups_of(row)
         authorize(sync_groups, "the row is outside your sync groups.")  # without saying whose it is
+        if not model.writers.allow(row, caller.user_id):
+            reject("forbidden", f"only the user who created this {model.name} may change it.", status=403)
         if change.action == "update":
             row.update(change.data)
-            check_references(db_connection, model, row, reject)
+            check_references(db_connection, model, row, reject, caller.user_id, change.data)
             moved_to = model.sync_groups.groups_of(row)
             if moved_to != sync_groups:
-                reject(
-                    "sync_groups_changed",
-                    f"this update would move the row from {sync_groups} to {moved_to}. A row keeps its sync "
-                    "groups for its whole life, or clients of the old groups would never see it leave: "
-                    "delete it and create a new one instead.",
-                )
+                reject("sync_groups_changed", f"this update would move the row from {sync_groups} to {moved_to}. A row keeps its "
+                       "sync groups for its whole life, or clients of the old groups would never see it leave: delete it and create a new one instead.")
             written = db_connection.execute(sql.update, [*model.stored(row, dialect)[1:], change.model_id])
         else:
             # A deleted Group keeps its members, so that they receive this delete.
@@ -399,11 +399,13 @@ def has_history(db_connection: DbConnection, sync_groups: list[str]) -> bool:
     return db_connection.execute(linked, sync_groups).fetchone() is not None
 
 
-def check_references(db_connection: DbConnection, model: SyncedModel, row: dict[str, Any], reject) -> None:
+def check_references(db_connection: DbConnection, model: SyncedModel, row: dict, reject, user_id: int, changed: dict) -> None:
     for attribute, target in model.references:
         value = row[attribute]
-        if db_connection.execute(target.sql.select, (value,)).fetchone() is None:
+        if (referenced := db_connection.execute(target.sql.select, (value,)).fetchone()) is None:
             reject("unknown_reference", f"{model.wire_name(attribute)} {value!r} does not name an existing {target.name}.")
+        if attribute in model.writers.own and attribute in changed and not target.writers.allow(dict(zip(target.columns, referenced)), user_id):
+            reject("forbidden", f"{model.wire_name(attribute)} {value!r} names another user's {target.name}.", status=403)
 
 
 def check_not_referenced(db_connection: DbConnection, model: SyncedModel, row: dict[str, Any], reject) -> None:

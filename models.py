@@ -63,6 +63,19 @@ class InGroup:
 
 
 @dataclass(frozen=True)
+class Writers:
+    """Who may write a model's rows beyond being in their sync groups: where an application puts its
+    own rules (docs/contract.md). app.py's apply_change checks them in the write transaction; a change
+    they refuse is 403 `forbidden`, type server."""
+
+    owner: str | None = None  # a column that the server sets to the creating user: only it may change or delete the row
+    own: tuple[str, ...] = ()  # reference columns that, when a change sets them, must name a row the writer owns
+
+    def allow(self, row: dict[str, Any], user_id: int) -> bool:
+        return self.owner is None or row[self.owner] == user_id
+
+
+@dataclass(frozen=True)
 class SyncedModel:
     name: str
     table: type[db.Model]
@@ -71,6 +84,7 @@ class SyncedModel:
     # The row *is* a sync group: creating it makes the creator a member,
     # deleting it ends every membership of it.
     owns_sync_group: bool = False
+    writers: Writers = Writers()
 
     def wire_name(self, attribute: str) -> str:
         return self.schema.fields[attribute].data_key or attribute
@@ -122,12 +136,13 @@ class SyncedModel:
 
     @functools.cached_property
     def references(self) -> list[tuple[str, SyncedModel]]:
-        """(attribute, referenced model) for each foreign key of the table; read once, after every model is registered."""
+        """(attribute, referenced model) for each foreign key to a synced model; read once, after every model is registered."""
         by_table = {m.table.__table__: m for m in SYNCED_MODELS.values()}
         return [
             (column.key, by_table[fk.column.table])
             for column in self.table.__table__.columns
             for fk in column.foreign_keys
+            if fk.column.table in by_table  # not an owner's users.id
         ]
 
 
@@ -194,11 +209,11 @@ class WireField(NamedTuple):
 SYNCED_MODELS: dict[str, SyncedModel] = {}
 
 
-def synced(name: str, schema: type[Schema], sync_groups: Everyone | InGroup, owns_sync_group: bool = False):
+def synced(name: str, schema: type[Schema], sync_groups: Everyone | InGroup, owns_sync_group: bool = False, writers: Writers = Writers()):
     """Register a table as a synced model under its wire name."""
 
     def register(table: type[db.Model]) -> type[db.Model]:
-        SYNCED_MODELS[name] = SyncedModel(name, table, schema(), sync_groups, owns_sync_group)
+        SYNCED_MODELS[name] = SyncedModel(name, table, schema(), sync_groups, owns_sync_group, writers)
         return table
 
     return register
@@ -236,6 +251,10 @@ class RowSchema(Schema):
 
 
 # --- Example domain ---------------------------------------------------------
+# Who may write what: a Group's members change it and its Todos (its sync group); anyone may
+# create a Group, and so join it, up to MAX_SYNC_GROUPS_PER_USER groups. An Author, in `all`,
+# is its creator's: only that user may rename or delete it, and a Todo names one of its
+# writer's own Authors when it sets authorId (any member may still update the Todo).
 
 
 class GroupSchema(RowSchema):
@@ -255,11 +274,12 @@ class AuthorSchema(RowSchema):
     name = fields.String(required=True)
 
 
-@synced("Author", AuthorSchema, Everyone())
+@synced("Author", AuthorSchema, Everyone(), writers=Writers(owner="user_id"))
 class Author(db.Model):
     __tablename__ = "authors"
     id: Mapped[str] = mapped_column(String(MAX_ID_LENGTH), primary_key=True)
     name: Mapped[str]
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)  # its writer; not on the wire
 
 
 class TodoSchema(RowSchema):
@@ -270,7 +290,7 @@ class TodoSchema(RowSchema):
     like_count = Int64(data_key="likeCount", required=True)
 
 
-@synced("Todo", TodoSchema, InGroup("group_id"))
+@synced("Todo", TodoSchema, InGroup("group_id"), writers=Writers(own=("author_id",)))
 class Todo(db.Model):
     __tablename__ = "todos"
     id: Mapped[str] = mapped_column(String(MAX_ID_LENGTH), primary_key=True)

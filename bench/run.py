@@ -82,11 +82,11 @@ def libpq(url: str) -> str:
 
 
 def seed(url: str) -> dict[str, str]:
-    """Groups g0 to g99, Author a1 and three users: in every group, in group:g0 only,
-    and in group:g0 and group:g1 (typical); returns their tokens."""
+    """Groups g0 to g99 and three users: in every group, in group:g0 only, and in group:g0 and
+    group:g1 (typical, who wrote Author a1, so may write Todos by it); returns their tokens."""
     app = create_app({"SQLALCHEMY_DATABASE_URI": url})
-    changes = [{"action": "create", "modelName": "Author", "modelId": "a1", "data": {"id": "a1", "name": "Ada"}}]
-    changes += [{"action": "create", "modelName": "Group", "modelId": f"g{n}", "data": {"id": f"g{n}", "name": f"Group {n}"}} for n in range(GROUPS)]
+    author = [{"action": "create", "modelName": "Author", "modelId": "a1", "data": {"id": "a1", "name": "Ada"}}]
+    changes = [{"action": "create", "modelName": "Group", "modelId": f"g{n}", "data": {"id": f"g{n}", "name": f"Group {n}"}} for n in range(GROUPS)]
 
     def users_and_groups(db_connection):
         (everyone, everyone_token), (one, one_token) = new_user(db_connection, "in every group"), new_user(db_connection, "in group:g0 only")
@@ -95,6 +95,7 @@ def seed(url: str) -> dict[str, str]:
         join(db_connection, one, "group:g0")
         join(db_connection, typical, "group:g0")
         join(db_connection, typical, "group:g1")
+        apply_transaction(db_connection, load(MutateSchema(), {"changes": author})["changes"], typical, None, "")
         return {"every": everyone_token, "one": one_token, "typical": typical_token}
 
     with app.app_context():
@@ -271,9 +272,9 @@ def round_trips(url: str, count: int) -> list[float]:
     return times
 
 
-def propagation(poll_url: str, write_url: str, token: str, samples: int) -> list[float]:
-    """Seconds from a mutation's 200 (read by the writer) to a long-polling
-    client holding its action; the poller and the writer use different servers."""
+def propagation(poll_url: str, write_url: str, token: str, write_token: str, samples: int) -> list[float]:
+    """Seconds from a mutation's 200 (read by the writer, the typical user, by its Author a1) to a
+    long-polling client holding its action; the poller and the writer use different servers."""
     seen: dict[int, float] = {}
     cursor = json.loads(Client(poll_url, token).request("GET", "/sync")[1])["lastSyncId"]
     stop = threading.Event()
@@ -292,7 +293,7 @@ def propagation(poll_url: str, write_url: str, token: str, samples: int) -> list
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
     time.sleep(0.5)
-    writer, delays = Client(write_url, token), []
+    writer, delays = Client(write_url, write_token), []
     for n in range(samples):
         body = {"changes": [{"action": "create", "modelName": "Todo", "modelId": f"lat{n}",
                              "data": {"id": f"lat{n}", "text": "Latency", "authorId": "a1", "groupId": "g1", "isDone": False, "likeCount": 0}}]}
@@ -423,7 +424,7 @@ def main() -> None:
         progress("propagation latency")
         url, path, tokens = new_database(directory, "latency")
         poll_server, write_server = serve(url, "latency-poll"), serve(url, "latency-write")
-        delays = propagation(poll_server.url, write_server.url, tokens["every"], size["latency_samples"])
+        delays = propagation(poll_server.url, write_server.url, tokens["every"], tokens["typical"], size["latency_samples"])
         p50, p99 = percentile(delays, 50) * 1000, percentile(delays, 99) * 1000
         trip50, trip99 = percentile(noop_trips, 50) * 1000, percentile(noop_trips, 99) * 1000
         rows.append(("6", f"Mutation's 200 → long-polling client has the action (other process), {len(delays):,} mutations",

@@ -46,7 +46,7 @@ SEED_CHANGES = [
     {"action": "create", "modelName": "Group", "modelId": "g1", "data": {"id": "g1", "name": "Kitchen"}},
     {"action": "create", "modelName": "Group", "modelId": "g2", "data": {"id": "g2", "name": "Garden"}},
     {"action": "create", "modelName": "Author", "modelId": "a1", "data": {"id": "a1", "name": "Ada"}},
-    {"action": "create", "modelName": "Author", "modelId": "a2", "data": {"id": "a2", "name": "Grace"}},
+    {"action": "create", "modelName": "Author", "modelId": "a2", "data": {"id": "a2", "name": "Grace"}},  # Grace's, from here on
     *(
         {
             "action": "create",
@@ -66,13 +66,15 @@ SEED_CHANGES = [
 def seed_demo() -> tuple[dict[str, str], int]:
     """Create the demo users Ada and Grace and the demo rows; return their tokens."""
     changes = load(MutateSchema(), {"changes": SEED_CHANGES})["changes"]
+    graces = [change for change in changes if "a2" in (change.model_id, change.data.get("author_id"))]  # an Author is its writer's
 
     def seed(db_connection):
         if db_connection.execute("SELECT 1 FROM users LIMIT 1").fetchone():
             raise click.ClickException("The database already has users; run `flask --app app init-db` to start over.")
         (ada, ada_token), (grace, grace_token) = new_user(db_connection, "Ada"), new_user(db_connection, "Grace")
-        last_sync_id = apply_transaction(db_connection, changes, ada, None, "")  # Ada creates g1 and g2, so joins both
+        apply_transaction(db_connection, [c for c in changes if c not in graces], ada, None, "")  # Ada creates g1 and g2, so joins both
         join(db_connection, grace, "group:g1")
+        last_sync_id = apply_transaction(db_connection, graces, grace, None, "")
         return {"Ada": ada_token, "Grace": grace_token}, last_sync_id
 
     return in_write_transaction(seed)

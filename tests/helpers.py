@@ -135,6 +135,13 @@ def same_user(app, client):
     return other
 
 
+def give_author(app, client, author_id: str) -> None:
+    """Make an Author the client's user's, as if it had created it: who owns an Author is not on the wire,
+    so this takes no syncId, and the seeded log stays as it was."""
+    with app.app_context():
+        in_write_transaction(lambda db_connection: db_connection.execute("UPDATE authors SET user_id = ? WHERE id = ?", (client.user_id, author_id)))
+
+
 def set_member(app, client, sync_group: str, member: bool = True) -> None:
     with app.app_context():
         in_write_transaction(lambda db_connection: (join if member else leave)(db_connection, client.user_id, sync_group))
@@ -234,8 +241,8 @@ def read_log_with(fetch, since: int = 0, limit: int = 5000) -> list[dict]:
             return actions
 
 
-def random_transaction(rng, writer: int, number: int, groups: list[str], alive: list[str]) -> list[dict]:
-    """1 to 3 changes to the writer's own todos: creates in its groups, updates and deletes of live ones."""
+def random_transaction(rng, writer: int, number: int, groups: list[str], alive: list[str], author_id: str) -> list[dict]:
+    """1 to 3 changes to the writer's own todos: creates in its groups (by its user's Author), updates and deletes of live ones."""
     changes = []
     for position in range(rng.choice([1, 1, 2, 3])):
         roll = rng.random()
@@ -246,7 +253,7 @@ def random_transaction(rng, writer: int, number: int, groups: list[str], alive: 
         else:
             todo_id = f"w{writer}-{number}-{position}"
             alive.append(todo_id)
-            changes.append(todo(todo_id, rng.choice(groups), text=f"written by {writer}"))
+            changes.append(todo(todo_id, rng.choice(groups), author_id, text=f"written by {writer}"))
     return changes
 
 

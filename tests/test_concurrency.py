@@ -69,16 +69,18 @@ def test_concurrent_writers_and_pollers_see_every_visible_action_once_in_order(a
     setup = [create("Author", "a1", name="Ada"), *map(group, GROUPS)]
     status, answer = call(base_url, ada, "/mutate", {"changes": setup})
     assert status == 200
-    grace = sign_in(app, "Grace", "group:g1").token
-    users = [(ada, GROUPS), (grace, ["g1"])]
+    grace = sign_in(app, "Grace", "group:g1")
+    graces = [create("Author", "a2", name="Grace")]  # she writes by an Author of her own
+    graces_transaction = (mutate(grace, *graces)["lastSyncId"], graces)
+    users = [(ada, GROUPS, "a1"), (grace.token, ["g1"], "a2")]
 
     acknowledged: list[tuple[int, list[dict]]] = []
     seen: list[list[dict]] = [[] for _ in range(POLLERS)]
 
     def writer(number: int):
-        (token, groups), rng, alive = users[number % 2], random.Random(number), []
+        (token, groups, author_id), rng, alive = users[number % 2], random.Random(number), []
         for transaction in range(TRANSACTIONS_PER_WRITER):
-            changes = random_transaction(rng, number, transaction, groups, alive)
+            changes = random_transaction(rng, number, transaction, groups, alive, author_id)
             body = {"changes": changes}
             if transaction % 3 == 0:
                 body["transactionId"] = f"w{number}-{transaction}"
@@ -105,7 +107,7 @@ def test_concurrent_writers_and_pollers_see_every_visible_action_once_in_order(a
 
     log = read_log_with(lambda path: call(base_url, ada, path)[1])  # Ada may see everything
     # Every acknowledged action, each once, in order, and nothing else (on SQLite: no hole either).
-    assert_log_holds_exactly(log, [(answer["lastSyncId"], setup), *acknowledged], engine)
+    assert_log_holds_exactly(log, [(answer["lastSyncId"], setup), graces_transaction, *acknowledged], engine)
 
     sync_groups = action_groups(app)
     for number, actions in enumerate(seen):

@@ -45,16 +45,18 @@ def world(engine, database_url, tmp_path):
     """Four users: the founder in every group, the others in two neighbouring groups each; then gunicorn."""
     app = create_app({"SQLALCHEMY_DATABASE_URI": database_url})
     founder = sign_in(app, "founder")
-    setup = [create("Author", "a1", name="Ada"), *map(group, GROUPS)]
-    setup_transaction = (mutate(founder, *setup)["lastSyncId"], setup)
-    users = [(founder.token, GROUPS)]
+    setup = [create("Author", "a0", name="founder"), *map(group, GROUPS)]
+    setup_transactions = [(mutate(founder, *setup)["lastSyncId"], setup)]
+    users = [(founder.token, GROUPS, "a0")]
     for n in range(1, 4):
         groups = [GROUPS[n - 1], GROUPS[n]]
-        users.append((sign_in(app, f"user {n}", *(f"group:{g}" for g in groups)).token, groups))
+        user, author = sign_in(app, f"user {n}", *(f"group:{g}" for g in groups)), [create("Author", f"a{n}", name=f"user {n}")]
+        setup_transactions.append((mutate(user, *author)["lastSyncId"], author))  # each writes by an Author of its own
+        users.append((user.token, groups, f"a{n}"))
     with app.app_context():
         db.engine.dispose()
     with running(database_url, tmp_path, SERVERS[engine]) as servers:
-        yield servers, users, setup_transaction
+        yield servers, users, setup_transactions
 
 
 def send(api: Api, body: dict, seen: list) -> int:
@@ -71,7 +73,7 @@ def send(api: Api, body: dict, seen: list) -> int:
 
 
 def test_load_through_gunicorn_loses_duplicates_and_reorders_nothing(world, engine, database_url):
-    servers, users, setup_transaction = world
+    servers, users, setup_transactions = world
     acknowledged: list[tuple[int, list[dict]]] = []
     statuses: list[int] = []
     seen: list[list[dict]] = [[] for _ in range(POLLERS)]
@@ -82,10 +84,10 @@ def test_load_through_gunicorn_loses_duplicates_and_reorders_nothing(world, engi
         return servers[number // len(users) % len(servers)]
 
     def writer(number: int):
-        token, groups = users[number % len(users)]
+        token, groups, author_id = users[number % len(users)]
         api, rng, alive = Api(server_of(number), token), random.Random(number), []
         for transaction in range(TRANSACTIONS // WRITERS):
-            changes = random_transaction(rng, number, transaction, groups, alive)
+            changes = random_transaction(rng, number, transaction, groups, alive, author_id)
             body = {"changes": changes}
             if transaction % 4 == 0:
                 body["transactionId"] = f"w{number}-{transaction}"
@@ -115,12 +117,12 @@ def test_load_through_gunicorn_loses_duplicates_and_reorders_nothing(world, engi
     founder = Api(servers[0], users[0][0])
     log = read_log_with(lambda path: founder.request("GET", path)[2])
     # Every acknowledged action, each once, in order, and nothing else (on SQLite: no hole either).
-    assert_log_holds_exactly(log, [setup_transaction, *acknowledged], engine)
+    assert_log_holds_exactly(log, [*setup_transactions, *acknowledged], engine)
     assert set(statuses) <= {200, 503}, sorted(set(statuses))
 
     links = action_groups(database_url)
     for number, actions in enumerate(seen):
-        token, groups = users[number % len(users)]
+        token, groups, _ = users[number % len(users)]
         allowed = {"all", *(f"group:{g}" for g in groups)}
         visible = [a for a in log if links[a["syncId"]] & allowed]
         assert wire(actions) == wire(visible), f"poller {number} missed or repeated actions"

@@ -8,6 +8,7 @@ from helpers import (
     assert_error,
     create,
     delete,
+    give_author,
     group,
     mutate,
     read_log,
@@ -22,7 +23,10 @@ from helpers import (
 
 @pytest.fixture
 def grace(app, seeded):
-    return sign_in(app, "Grace", "group:g1")
+    """Grace, in g1, whose Author is a2 (Ada created both Authors, as `seeded` says)."""
+    grace = sign_in(app, "Grace", "group:g1")
+    give_author(app, grace, "a2")
+    return grace
 
 
 def ids(actions) -> list[tuple[str, str]]:
@@ -123,7 +127,7 @@ OUTSIDE = {
 def test_a_change_outside_the_callers_groups_is_403_server_and_rejects_the_transaction(app, seeded, grace, change, says):
     mutate(seeded, todo("t2", "g2"))
     before = snapshot(app)
-    allowed = [todo("t3", "g1"), update("Todo", "t1", text="fine"), create("Author", "a3", name="Lin")]
+    allowed = [todo("t3", "g1", "a2"), update("Todo", "t1", text="fine"), create("Author", "a3", name="Lin")]
 
     response = grace.post("/mutate", json={"changes": [*allowed, change]})
 
@@ -139,19 +143,21 @@ def test_a_refusal_does_not_say_which_group_another_users_row_is_in(seeded, grac
     assert "g2" not in error["message"]
 
 
-def test_still_referenced_does_not_count_rows_the_caller_cannot_see(seeded, grace):
-    mutate(seeded, todo("t2", "g2"))  # a1 is named by t1 (g1, visible to Grace) and t2 (g2, not)
-    error = assert_error(grace.post("/mutate", json={"changes": [delete("Author", "a1")]}), 409, "still_referenced")
+def test_still_referenced_does_not_count_rows_the_caller_cannot_see(app, seeded, grace):
+    set_member(app, grace, "group:g2")
+    mutate(grace, todo("t2", "g1", "a2"), todo("t3", "g2", "a2"))
+    set_member(app, grace, "group:g2", member=False)  # a2 is named by t2 (g1, visible to Grace) and t3 (g2, not)
+    error = assert_error(grace.post("/mutate", json={"changes": [delete("Author", "a2")]}), 409, "still_referenced")
     assert not any(char.isdigit() for char in error["message"].split(":", 1)[1])
 
 
 def test_a_member_may_create_update_and_delete_in_its_groups(grace):
-    mutate(grace, todo("t2", "g1"), update("Todo", "t2", isDone=True), delete("Todo", "t2"), update("Group", "g1", name="K"))
+    mutate(grace, todo("t2", "g1", "a2"), update("Todo", "t2", isDone=True), delete("Todo", "t2"), update("Group", "g1", name="K"))
 
 
 def test_creating_a_group_makes_the_creator_a_member_in_the_same_transaction(grace):
     # The todo in g3 is allowed because the group created before it, in the same transaction, made Grace a member.
-    result = mutate(grace, group("g3"), todo("t2", "g3"))
+    result = mutate(grace, group("g3"), todo("t2", "g3", "a2"))
 
     handshake = grace.get("/sync").get_json()
     assert handshake["syncGroups"] == ["all", "group:g1", "group:g3"]
@@ -186,5 +192,44 @@ def test_a_used_group_id_cannot_be_created_again(app, seeded, grace):
     assert all(a["modelId"] != "g2" for a in read_log(grace))
 
 
-def test_every_user_may_write_rows_of_the_group_all(grace):
-    mutate(grace, create("Author", "a3", name="Lin"), update("Author", "a1", name="Ada L."))
+# --- Writers: the example domain's own rules (models.py) ----------------------
+
+
+def test_every_user_may_create_an_author_and_only_its_creator_may_change_it(app, seeded, grace):
+    mutate(grace, create("Author", "a3", name="Lin"), update("Author", "a3", name="Lin G."), update("Author", "a2", name="G."))
+    before = snapshot(app)
+    for someone_elses in (update("Author", "a1", name="Ada L."), delete("Author", "a1")):
+        error = assert_error(grace.post("/mutate", json={"changes": [someone_elses]}), 403, "forbidden")
+        assert "only the user who created this Author may change it" in error["message"]
+    assert_error(seeded.post("/mutate", json={"changes": [update("Author", "a3", name="mine")]}), 403, "forbidden")
+    assert snapshot(app) == before
+    mutate(grace, delete("Author", "a3"))
+
+
+def test_a_todo_names_one_of_its_writers_own_authors_and_any_member_may_update_the_rest(app, seeded, grace):
+    before = snapshot(app)
+    for change in (todo("t2", "g1", "a1"), update("Todo", "t1", authorId="a1", isDone=True)):
+        error = assert_error(grace.post("/mutate", json={"changes": [change]}), 403, "forbidden")
+        assert "authorId 'a1' names another user's Author" in error["message"]
+    assert snapshot(app) == before
+    mutate(grace, update("Todo", "t1", isDone=True, likeCount=2))  # Ada's Todo, by Ada's Author: the rest is any member's
+    row = seeded.get("/bootstrap?type=eager&models=Todo").get_json()["bootstrap"]["Todo"][0]
+    assert wire(row) == wire({"id": "t1", "text": "Todo t1", "authorId": "a1", "groupId": "g1", "isDone": True, "likeCount": 2})
+
+
+def test_the_owner_of_an_author_is_not_on_the_wire(seeded):
+    actions = [a for a in read_log(seeded) if a["modelName"] == "Author"]
+    assert wire([a["data"] for a in actions]) == wire([{"id": "a1", "name": "Ada"}, {"id": "a2", "name": "Grace"}])
+
+
+def test_a_user_creates_groups_up_to_max_sync_groups_per_user(app, grace):
+    app.config["MAX_SYNC_GROUPS_PER_USER"] = 2
+    mutate(grace, group("g3"))  # g1 and g3
+    before = snapshot(app)
+
+    error = assert_error(grace.post("/mutate", json={"changes": [group("g4")]}), 403, "too_many_sync_groups")
+
+    assert "MAX_SYNC_GROUPS_PER_USER" in error["message"] and "2 groups" in error["message"]
+    assert snapshot(app) == before
+    mutate(grace, delete("Group", "g3"))
+    assert_error(grace.post("/mutate", json={"changes": [group("g4")]}), 403, "too_many_sync_groups")  # still a member of g3

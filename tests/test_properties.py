@@ -63,7 +63,7 @@ def changes_for(groups: st.SearchStrategy, new_todo_ids: st.SearchStrategy, todo
         st.builds(group, groups),
         st.builds(lambda i, n: update("Group", i, name=n), groups, st.sampled_from(["Red", "Blue"])),
         st.builds(lambda i: delete("Group", i), groups),
-        st.builds(lambda n: update("Author", "a1", name=n), st.sampled_from(["Ada", "Ada L."])),
+        st.builds(lambda i, n: update("Author", i, name=n), st.sampled_from(["a1", "a2"]), st.sampled_from(["Ada", "Ada L."])),
     )
 
 
@@ -203,16 +203,27 @@ def target_group(change: dict, todo_groups: dict[str, str | None]) -> str | None
     return f"group:{change['data']['groupId']}" if change["action"] == "create" else todo_groups.get(row_id)
 
 
+def writers_allow(change: dict, writer: int, owners: dict[str, int]) -> bool:
+    """models.py's Writers, said again: an Author is changed by its creator only, and a Todo that sets
+    authorId names one of its writer's own Authors."""
+    if change["modelName"] == "Author" and change["action"] != "create":
+        return owners.get(change["modelId"]) == writer
+    if change["modelName"] == "Todo" and "authorId" in change.get("data", {}):
+        return owners.get(change["data"]["authorId"], writer) == writer  # an unknown one is refused otherwise (409)
+    return True
+
+
 @contextmanager
 def three_users(engine: str) -> Iterator[tuple[Flask, str, list]]:
     """An app on a new database of the engine, with its URL and three signed-in users: user 0 created
-    Authors a1 and a2, Groups g1 and g2 (so is in both) and Todos t1 in g1 and t2 in g2; user 1 is in
-    group:g1, user 2 in group:g2."""
+    Author a1, Groups g1 and g2 (so is in both) and Todos t1 in g1 and t2 in g2; user 1 created Author a2
+    and is in group:g1; user 2 is in group:g2."""
     with tempfile.TemporaryDirectory() as directory, fresh_database(engine, directory) as url:
         app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": url})
         try:
             users = [sign_in(app, f"user {n}") for n in range(USERS)]
-            mutate(users[0], create("Author", "a1", name="Ada"), create("Author", "a2", name="Grace"), group("g1"), group("g2"))
+            mutate(users[0], create("Author", "a1", name="Ada"), group("g1"), group("g2"))
+            mutate(users[1], create("Author", "a2", name="Grace"))
             mutate(users[0], todo("t1", "g1"), todo("t2", "g2"))
             for user, sync_group in zip(users[1:], ["group:g1", "group:g2"]):
                 set_member(app, user, sync_group)
@@ -239,6 +250,7 @@ class MultiUserWorkload(RuleBasedStateMachine):
         http = self.users[user]
         allowed = set(self.database.sync_groups(http.user_id))
         todo_groups = {todo_id: f"group:{g}" for todo_id, g in self.database.query("SELECT id, group_id FROM todos")}
+        owners = dict(self.database.query("SELECT id, user_id FROM authors"))
         # Mostly the writer's own groups and todos, and new ids for creates, so that many writes
         # are accepted; sometimes anything.
         own_groups = [g for g in GROUP_IDS if f"group:{g}" in allowed]
@@ -280,10 +292,12 @@ class MultiUserWorkload(RuleBasedStateMachine):
             if change["modelName"] == "Group" and change["action"] == "create":
                 allowed.add(target)  # its creator joins it
             assert target in allowed, f"accepted a change outside the writer's groups: {change}"
+            assert writers_allow(change, http.user_id, owners), f"accepted a change its Writers refuse: {change}"
             if change["modelName"] == "Todo" and change["action"] in ("create", "delete"):
                 todo_groups[change["modelId"]] = target if change["action"] == "create" else None
         if refused is not None:
-            assert target_group(refused, todo_groups) not in allowed, f"refused a change inside the writer's groups: {refused}"
+            inside = target_group(refused, todo_groups) in allowed and writers_allow(refused, http.user_id, owners)
+            assert not inside, f"refused a change inside the writer's groups, that its Writers allow: {refused}"
 
     @rule(user=st.integers(0, USERS - 1), group_id=st.sampled_from(GROUP_IDS), member=st.booleans())
     def change_membership(self, user, group_id, member):
