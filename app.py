@@ -19,7 +19,6 @@ import hmac
 import json
 import os
 import re
-import secrets
 import time
 from collections.abc import Callable, Iterator
 from contextlib import closing
@@ -155,24 +154,10 @@ def caller_sync_groups(db_connection: DbConnection, user_id: int, token_sha256: 
     return ["all", *(sync_group for (sync_group,) in memberships)]
 
 
-def new_user(db_connection: DbConnection, name: str) -> tuple[int, str]:
-    (user_id,) = db_connection.execute("INSERT INTO users (name, token_sha256) VALUES (?, '') RETURNING id", (name,)).fetchone()
-    return user_id, new_token(db_connection, user_id, first=True)
-
-
-def new_token(db_connection: DbConnection, user_id: int, revoke: bool = False, first: bool = False) -> str | None:
-    """A new token for the user, or none; the old one stops at once, held polls included. Only a
-    hash of the secret is kept (none hashes to ''), so this is the one chance to see the token."""
-    secret = None if revoke else secrets.token_urlsafe(32)
-    db_connection.execute("UPDATE users SET token_sha256 = ? WHERE id = ?", (sha256(secret) if secret else "", user_id))
-    if not first:  # the old token's held polls, on every process, check it again (a new user has none)
-        membership_changed(db_connection, user_id)
-    return secret and f"{user_id}.{secret}"
-
-
-def join(db_connection: DbConnection, user_id: int, sync_group: str) -> None:
+def join(db_connection: DbConnection, user_id: int, sync_group: str, announce: bool = True) -> None:
     db_connection.execute("INSERT INTO memberships (user_id, sync_group) VALUES (?, ?) ON CONFLICT DO NOTHING", (user_id, sync_group))
-    membership_changed(db_connection, user_id)  # its held polls end, on every process, with its new groups
+    if announce:  # its held polls end, on every process, with its new groups (a mutation announces once, at its end)
+        membership_changed(db_connection, user_id)
 
 
 def leave(db_connection: DbConnection, user_id: int, sync_group: str) -> None:
@@ -266,6 +251,7 @@ class Caller:
     user_id: int
     sync_groups: set[str]  # as they stand at this point of the transaction
     linked: set[str] = field(default_factory=set)  # sync groups this transaction's actions go to
+    joined: bool = False  # it created a Group, so joined it
 
 
 @dataclass(frozen=True)
@@ -297,6 +283,8 @@ def apply_transaction(db_connection: DbConnection, changes: list[Change], user_i
     # Every row first, then the log: a refused change takes no syncId, and the log's lock is held only from there to COMMIT.
     applied = (apply_change(db_connection, index, change, caller) for index, change in enumerate(changes))
     pending = list(within_limits(changes, applied))  # every row small enough to be served, and the whole too (413)
+    if caller.joined:  # once, at the end: on PostgreSQL it takes the log's lock, which is then held to COMMIT
+        membership_changed(db_connection, user_id)
     last_sync_id = append_to_log(db_connection, pending)
     if transaction_id is not None:
         insert = "INSERT INTO client_transaction (user_id, transaction_id, changes_sha256, last_sync_id) VALUES (?, ?, ?, ?)"
@@ -331,8 +319,9 @@ def apply_change(db_connection: DbConnection, index: int, change: Change, caller
             if len(caller.sync_groups) > current_app.config["MAX_SYNC_GROUPS_PER_USER"]:  # `all` and the rest
                 reject("too_many_sync_groups", f"you are in {len(caller.sync_groups) - 1:,} groups, as many as MAX_SYNC_GROUPS_PER_USER allows.", 403)
             for group in sync_groups:  # whoever creates a sync group is its first member
-                join(db_connection, caller.user_id, group)
+                join(db_connection, caller.user_id, group, announce=False)
                 caller.sync_groups.add(group)
+                caller.joined = True
         authorize(sync_groups, f"you are not a member of {', '.join(sync_groups)}.")
         check_references(db_connection, model, row, reject, caller.user_id, change.data)
         written = db_connection.execute(sql.insert, model.stored(row, dialect))

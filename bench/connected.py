@@ -34,7 +34,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from app import apply_transaction, create_app, in_write_transaction, join, load, MutateSchema, new_user  # noqa: E402
+from app import apply_transaction, create_app, in_write_transaction, join, load, MutateSchema  # noqa: E402
+from machinery.cli import new_user  # noqa: E402
 from bench.run import Client, cpu_seconds, memory_kib, percentile, workers_of  # noqa: E402
 from models import db  # noqa: E402
 from servers import Gunicorn  # noqa: E402

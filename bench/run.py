@@ -38,7 +38,8 @@ from sqlalchemy.engine import make_url
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from app import apply_transaction, create_app, in_write_transaction, join, load, MutateSchema, new_user  # noqa: E402
+from app import apply_transaction, create_app, in_write_transaction, join, load, MutateSchema  # noqa: E402
+from machinery.cli import new_user  # noqa: E402
 from models import db  # noqa: E402
 from servers import WORKERS, Gunicorn  # noqa: E402
 

@@ -9,13 +9,33 @@ Proved by tests/test_cli.py and the README's commands (tests/test_readme.py).
 
 from __future__ import annotations
 
+import secrets
+
 import click
 from flask.cli import with_appcontext
 
-from app import MutateSchema, apply_transaction, in_write_transaction, join, leave, load, new_token, new_user, read_head
+from app import MutateSchema, apply_transaction, in_write_transaction, join, leave, load, read_head, sha256
 from machinery.database import DbConnection, create_schema, schema_statements, start_log_after
 from machinery.long_poll import membership_changed
 from models import SYNCED_MODELS, db
+
+
+# --- Users and tokens: this server's own way of knowing who is calling (app.py's authenticate) ---
+
+
+def new_user(db_connection: DbConnection, name: str) -> tuple[int, str]:
+    (user_id,) = db_connection.execute("INSERT INTO users (name, token_sha256) VALUES (?, '') RETURNING id", (name,)).fetchone()
+    return user_id, new_token(db_connection, user_id, first=True)
+
+
+def new_token(db_connection: DbConnection, user_id: int, revoke: bool = False, first: bool = False) -> str | None:
+    """A new token for the user, or none; the old one stops at once, held polls included. Only a
+    hash of the secret is kept (none hashes to ''), so this is the one chance to see the token."""
+    secret = None if revoke else secrets.token_urlsafe(32)
+    db_connection.execute("UPDATE users SET token_sha256 = ? WHERE id = ?", (sha256(secret) if secret else "", user_id))
+    if not first:  # the old token's held polls, on every process, check it again (a new user has none)
+        membership_changed(db_connection, user_id)
+    return secret and f"{user_id}.{secret}"
 
 
 @click.command("init-db")

@@ -17,7 +17,8 @@ from sqlalchemy import text
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.pool import NullPool
 
-from app import in_write_transaction, join, leave, new_user
+from app import in_write_transaction, join, leave
+from machinery.cli import new_user
 from models import SYNCED_MODELS, db
 
 # --- The database under test: SQLite always, PostgreSQL when TEST_DATABASE_URL is set ---

@@ -5,6 +5,7 @@ import hashlib
 import pytest
 
 import app as app_module
+from machinery.cli import new_token
 from helpers import assert_error, database_path, mutate, query, sign_in, snapshot, todo, update, wire
 
 REQUESTS = {
@@ -90,7 +91,7 @@ def revoked_right_after_its_check(app, monkeypatch, user_id: int) -> None:
 
     def then_revoke(header):
         checked = check(header)
-        app_module.in_write_transaction(lambda db_connection: app_module.new_token(db_connection, user_id, revoke=True))
+        app_module.in_write_transaction(lambda db_connection: new_token(db_connection, user_id, revoke=True))
         return checked
 
     monkeypatch.setattr(app_module, "user_for_token", then_revoke)

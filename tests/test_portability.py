@@ -56,7 +56,8 @@ def test_without_fcntl_writers_of_several_processes_still_take_turns(tmp_path):
     writer = f"""
         import sys
         sys.modules["fcntl"] = None  # what a platform without it gives: ImportError
-        from app import create_app, in_write_transaction, new_user
+        from app import create_app, in_write_transaction
+        from machinery.cli import new_user
         import machinery.writer
 
         assert machinery.writer.fcntl is None
