@@ -225,7 +225,7 @@ def mutate():
     body = json_body()
     mutation = load(shared(MutateSchema), body)
     transaction = (mutation["changes"], g.user_id, mutation.get("transaction_id"), fingerprint(body["changes"]), g.token_sha256)
-    last_sync_id = in_write_transaction(lambda db_connection: apply_transaction(db_connection, *transaction))
+    last_sync_id = in_write_transaction(lambda db_connection: apply_transaction(db_connection, *transaction), len(mutation["changes"]))
     held_polls().log_may_have_grown()  # this process's held polls see it now, not at their next check
     return {"lastSyncId": last_sync_id}
 
@@ -236,14 +236,14 @@ def fingerprint(changes: Any) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def in_write_transaction(work: Callable[[DbConnection], T]) -> T:
+def in_write_transaction(work: Callable[[DbConnection], T], changes: int = 1) -> T:
     """BEGIN IMMEDIATE; work(db_connection); COMMIT; and return what `work` returned.
 
     That is all it is, in essence (SERIALIZABLE on PostgreSQL), and the only way anything is written.
     machinery/writer.py runs it faster: writes arriving together share one transaction and its
-    fsync (group commit), each in a savepoint of its own, and a transaction the database is too
-    busy for is retried, then refused with 503 type network."""
-    return current_app.extensions["writer"].run(work)
+    fsync (group commit), each in a savepoint of its own, unless it has many `changes` and others
+    need not wait for it; a transaction the database is too busy for is retried, then refused with 503 type network."""
+    return current_app.extensions["writer"].run(work, changes)
 
 
 @dataclass

@@ -12,6 +12,7 @@ Proved by tests/test_postgres.py and by every test run with TEST_DATABASE_URL.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any
 
@@ -19,6 +20,7 @@ BEGIN_READ = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
 BEGIN_WRITE = "BEGIN ISOLATION LEVEL SERIALIZABLE"
 LOG_LOCK = 0x10C0_5E9C  # the advisory lock key of the log's tail
 SCHEMA_LOCK = LOG_LOCK + 1
+LARGE_WRITE_LOCK = LOG_LOCK + 2
 
 
 class PostgresConnection:
@@ -56,6 +58,16 @@ def pyformat(sql: str) -> str:
 def lock_log(db_connection) -> None:
     """Until this transaction ends: see app.py's lock_log for why."""
     db_connection.execute("SELECT pg_advisory_xact_lock(?)", (LOG_LOCK,))
+
+
+@contextlib.contextmanager
+def large_write_turn(db_connection):
+    """Held by one large write at a time (writer.py), on every app server, outside its transaction."""
+    db_connection.execute("SELECT pg_advisory_lock(?)", (LARGE_WRITE_LOCK,))
+    try:
+        yield
+    finally:
+        db_connection.execute("SELECT pg_advisory_unlock(?)", (LARGE_WRITE_LOCK,))
 
 
 def lock_schema(db_connection) -> None:

@@ -15,7 +15,7 @@ import app as app_module
 import machinery.writer as writer
 from app import apply_transaction, create_app, flavour, load, MutateSchema, read_page
 from machinery.database import speaking_sql
-from helpers import assert_error, create, fresh_database, group, mutate, shut_down, sign_in, todo, update, wire
+from helpers import assert_error, create, fresh_database, group, mutate, same_user, shut_down, sign_in, todo, update, wire
 from models import db
 
 TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL")
@@ -173,3 +173,62 @@ def test_a_held_poll_is_not_woken_by_the_log_of_another_schema(tmp_path, monkeyp
         finally:
             for app in apps:
                 shut_down(app)
+
+
+def test_a_large_write_takes_no_turn_so_small_writes_of_its_process_do_not_wait_for_it(pg_app, monkeypatch):
+    """Writes of one process share one transaction at a time; a 1,000-change one held the turn (0.9 s),
+    and every small write that came meanwhile waited for it."""
+    ada = sign_in(pg_app, "Ada")
+    mutate(ada, group("g1"), create("Author", "a1", name="Ada"))
+    large_started, release = threading.Event(), threading.Event()
+    apply_change = app_module.apply_change
+
+    def slowly(db_connection, index, change, caller):
+        if change.model_id == "slow-0":
+            large_started.set()
+            release.wait(10)
+        return apply_change(db_connection, index, change, caller)
+
+    monkeypatch.setattr(app_module, "apply_change", slowly)
+    large = [todo(f"slow-{n}", "g1") for n in range(writer.ALONE_OVER + 1)]
+    answers = {}
+    sender = threading.Thread(target=lambda: answers.update(large=mutate(same_user(pg_app, ada), *large)), daemon=True)
+    sender.start()
+    assert large_started.wait(10)
+
+    small = mutate(ada, todo("quick", "g1"))  # while the large one is still applying its changes
+
+    release.set()
+    sender.join(10)
+    assert wire(answers["large"]["lastSyncId"]) == wire(small["lastSyncId"] + writer.ALONE_OVER + 1)  # it committed after
+
+
+def test_large_writes_take_their_own_turn_one_at_a_time(pg_app, monkeypatch):
+    """Side by side, four clients sending 1,000-change writes crowded the small ones out (their p99 21 s,
+    some 503 after ten retries): large ones queue for one turn of their own, on every app server."""
+    ada = sign_in(pg_app, "Ada")
+    mutate(ada, group("g1"), create("Author", "a1", name="Ada"))
+    first_started, release, second_started = threading.Event(), threading.Event(), threading.Event()
+    apply_change = app_module.apply_change
+
+    def slowly(db_connection, index, change, caller):
+        if change.model_id == "first-0":
+            first_started.set()
+            release.wait(10)
+        if change.model_id == "second-0":
+            second_started.set()
+        return apply_change(db_connection, index, change, caller)
+
+    monkeypatch.setattr(app_module, "apply_change", slowly)
+    senders = [threading.Thread(target=mutate, args=(same_user(pg_app, ada), *(todo(f"{name}-{n}", "g1") for n in range(writer.ALONE_OVER + 1))),
+                                daemon=True) for name in ("first", "second")]
+    senders[0].start()
+    assert first_started.wait(10)
+    senders[1].start()
+
+    assert not second_started.wait(1)  # it waits for the first's turn to end
+
+    release.set()
+    for sender in senders:
+        sender.join(10)
+    assert second_started.is_set() and wire(ada.get("/sync").get_json()["lastSyncId"]) == wire(2 + 2 * (writer.ALONE_OVER + 1))
