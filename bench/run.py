@@ -46,9 +46,10 @@ from servers import WORKERS, Gunicorn  # noqa: E402
 CONNECTIONS = 16
 # Each request-rate figure is the median of `rounds` runs of `seconds`, taken turn about with its ceiling.
 FULL = dict(seconds=3, rounds=6, history=(1_000, 1_000_000), todos=100_000, latency_samples=1_000, raw_transactions=5_000,
-            connected=(1_000, 5_000, 10_000), connected_seconds=60)
+            connected=(1_000, 5_000, 10_000), connected_seconds=60, fair_seconds=30, fair_tries=3)
 SMOKE = dict(seconds=1, rounds=1, history=(1_000, 5_000), todos=2_000, latency_samples=30, raw_transactions=200,
-             connected=(3,), connected_seconds=2)  # 3: fewer than a worker's threads, which held polls can exhaust today
+             connected=(3,), connected_seconds=2,  # 3: fewer than a worker's threads, which held polls can exhaust today
+             fair_seconds=2, fair_tries=1)
 GROUPS = 100  # for the history rows: a user in all of them, and one in just group:g0
 
 
@@ -438,6 +439,7 @@ def main() -> None:
         else:
             progress("no PostgreSQL rows: set BENCH_DATABASE_URL (or TEST_DATABASE_URL) to a postgresql+psycopg:// URL")
         rows += connected_rows(size, directory, progress)
+        rows += fair_writes_rows(size, directory, progress)
     finally:
         for server in servers:
             server.stop()
@@ -496,6 +498,29 @@ def connected_rows(size: dict, directory: Path, progress) -> list[tuple[str, ...
                      f"{size['connected_seconds']} s (`bench/connected.py`)", connected.row(result), "", "",
                      verdict(met, "all exactly once; propagation p50 ≤ 50 ms, p99 ≤ 500 ms; mutation p99 ≤ 100 ms; RSS ≤ 1 GiB; idle CPU ≤ 5 %")))
     return rows
+
+
+def fair_writes_rows(size: dict, directory: Path, progress) -> list[tuple[str, ...]]:
+    """Row 9: one-change mutations while some clients send the largest allowed requests, and the
+    longest one such request holds the write lock (bench/fair_writes.py)."""
+    from bench import fair_writes
+
+    progress("fair writes: the largest allowed requests, alone and beside one-change mutations")
+    result = fair_writes.measure(directory, size["fair_seconds"], size["fair_tries"])
+    alone, loaded, worst = result["alone"], result["loaded"], result["worst"]
+    holds = "; ".join(f"{name}: {shape['hold_ms']:,.0f} ms" for name, shape in result["shapes"].items())
+    failed = alone["failed"] + loaded["failed"]
+    return [("9", f"Fair writes: `bench/connected.py`'s writer (21 one-change mutations a second, timed from when each was due) "
+             f"while {result['senders']} client(s) send back to back the largest allowed request that holds the write lock "
+             f"longest, Group creates aside; {size['fair_seconds']} s each (`bench/fair_writes.py`)",
+             f"others' p50 {loaded['p50_ms']:,.0f} ms, p99 {loaded['p99_ms']:,.0f} ms, max {loaded['max_ms']:,.0f} ms "
+             + (f"({failed} of {alone['count'] + loaded['count']:,} failed)" if failed else f"({loaded['count']:,} mutations)")
+             + f" beside {result['heavy']}; the write lock held by one request alone up to {result['shapes'][worst]['hold_ms']:,.0f} ms "
+             f"({worst}), timed as the longest wait of another process taking it ({holds}); under the load, up to "
+             f"{result['loaded_hold_ms']:,.0f} ms",
+             f"no heavy senders: p50 {alone['p50_ms']:,.0f} ms, p99 {alone['p99_ms']:,.0f} ms, max {alone['max_ms']:,.0f} ms",
+             f"p99 × {loaded['p99_ms'] / alone['p99_ms']:,.0f}",
+             verdict(loaded["p99_ms"] <= 100, "others' p99 ≤ 100 ms"))]
 
 
 def merged(rates: list[Rate]) -> Rate:
