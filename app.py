@@ -145,11 +145,13 @@ def sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def caller_sync_groups(db_connection: DbConnection, user_id: int, token_sha256: str | None) -> list[str]:
+def caller_sync_groups(db_connection: DbConnection, user_id: int, token_sha256: str | None, writing: bool = False) -> list[str]:
     """The caller's groups, read where they are used, and its token checked again there: one revoked
     since authenticate() is refused, not served (or let write) from a snapshot after its revocation."""
-    if token_sha256 is not None:
-        check_token(db_connection.execute("SELECT token_sha256 FROM users WHERE id = ?", (user_id,)).fetchone()[0], token_sha256)
+    if token_sha256 is not None:  # a write on PostgreSQL locks the row, so a revocation commits before it or after it
+        lock = " FOR SHARE" if writing and flavour().postgres else ""  # SQLite's writers already take turns
+        stored = db_connection.execute(f"SELECT token_sha256 FROM users WHERE id = ?{lock}", (user_id,)).fetchone()
+        check_token(stored and stored[0], token_sha256)
     memberships = db_connection.execute("SELECT sync_group FROM memberships WHERE user_id = ? ORDER BY sync_group", (user_id,))
     return ["all", *(sync_group for (sync_group,) in memberships)]
 
@@ -271,7 +273,7 @@ def apply_transaction(db_connection: DbConnection, changes: list[Change], user_i
     request gives (a command, such as seed, gives none), append one sync action per change with
     its group links, and return the greatest syncId written. A retried transactionId is answered, not applied again."""
     # Read inside the write transaction, so a membership change or a revoked token is either wholly before it or after it.
-    caller = Caller(user_id, set(caller_sync_groups(db_connection, user_id, token_sha256)))
+    caller = Caller(user_id, set(caller_sync_groups(db_connection, user_id, token_sha256, writing=True)))
     if transaction_id is not None:
         committed = "SELECT changes_sha256, last_sync_id FROM client_transaction WHERE user_id = ? AND transaction_id = ?"
         done = db_connection.execute(committed, (user_id, transaction_id)).fetchone()
@@ -333,8 +335,9 @@ def apply_change(db_connection: DbConnection, index: int, change: Change, caller
         if not model.writers.allow(row, caller.user_id):
             reject("forbidden", f"only the user who created this {model.name} may change it.", status=403)
         if change.action == "update":
-            row.update(change.data)
-            check_references(db_connection, model, row, reject, caller.user_id, change.data)
+            changed = {name: value for name, value in change.data.items() if row[name] != value}
+            row.update(changed)
+            check_references(db_connection, model, row, reject, caller.user_id, changed)
             moved_to = model.sync_groups.groups_of(row)
             if moved_to != sync_groups:
                 reject("sync_groups_changed", f"this update would move the row from {sync_groups} to {moved_to}. A row keeps its "
@@ -572,23 +575,24 @@ caller_groups(sync_group) AS (
 page(cursor) AS (
     SELECT min(:until, head) FROM log
 ),
-visible(id, wire) AS (
-    SELECT id, {WIRE_ACTION_SQLITE}
+visible(id, size) AS (  -- an action's bytes: its row's, its id's, and 100 for the rest (the wire is built below, for the page only)
+    SELECT id, coalesce(length(data), 0) + length(model_id) + 100
     FROM sync_action
     WHERE id IN (
         SELECT sync_action_id FROM sync_action_group  -- an index range scan per group: see models.py
         WHERE sync_group IN caller_groups AND sync_action_id > :since AND sync_action_id <= (SELECT cursor FROM page)
     )
 ),
-sized(id, wire, before) AS (  -- before: the page's bytes before this action; the first always fits
-    SELECT id, wire, sum(length(wire) + 1) OVER (ORDER BY id) - length(wire) - 1 FROM visible
+sized(id, before) AS (  -- before: the page's bytes before this action; the first always fits
+    SELECT id, sum(size) OVER (ORDER BY id) - size FROM visible
 ),
-fitting(id, wire) AS (
-    SELECT id, wire FROM sized WHERE before < :max_bytes
+fitting(wire) AS (
+    SELECT {WIRE_ACTION_SQLITE} FROM sync_action WHERE id IN (SELECT id FROM sized WHERE before < :max_bytes)
     ORDER BY id  -- kept by group_concat: SQLite never flattens an ordered subquery into an aggregate
 )
 SELECT log_start, head,
-    CASE WHEN EXISTS (SELECT 1 FROM sized WHERE before >= :max_bytes) THEN (SELECT max(id) FROM fitting) ELSE cursor END,
+    CASE WHEN EXISTS (SELECT 1 FROM sized WHERE before >= :max_bytes) THEN (SELECT max(id) FROM sized WHERE before < :max_bytes)
+        ELSE cursor END,
     (SELECT json_group_array(sync_group) FROM (SELECT sync_group FROM caller_groups ORDER BY sync_group != 'all', sync_group)),
     (SELECT coalesce(group_concat(wire, ','), '') FROM fitting),
     (SELECT coalesce(max(id), 0) FROM membership_change),

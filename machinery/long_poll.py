@@ -38,10 +38,9 @@ MAX_READ = 5000  # actions read at a time, as app.py's MAX_LIMIT; and MAX_PAGE_B
 BOUNDS = """SELECT coalesce((SELECT max(id) FROM sync_action), (SELECT after_sync_id FROM sync_log_start), 0),
     (SELECT coalesce(max(id), 0) FROM membership_change)"""
 MEMBERSHIP_CHANGES = "SELECT id, user_id FROM membership_change WHERE id > ? AND id <= ? ORDER BY id"
-NEW_ACTIONS = """SELECT id, wire, sync_groups, upto FROM (SELECT *, sum(length(wire) + 1) OVER (ORDER BY id) AS upto FROM (
-    SELECT id, {wire_action} AS wire, (SELECT {concat_groups} FROM sync_action_group WHERE sync_action_id = sync_action.id) AS sync_groups
-    FROM sync_action WHERE id > ? AND id <= ?) AS new) AS sized
-WHERE upto - length(wire) - 1 < ? ORDER BY id"""  # bytes counted as app.py's page counts them
+NEW_ACTIONS = """SELECT id, {wire_action}, (SELECT {concat_groups} FROM sync_action_group WHERE sync_action_id = sync_action.id), upto
+FROM sync_action JOIN (SELECT * FROM (SELECT id AS sized_id, {size} AS size, sum({size}) OVER (ORDER BY id) AS upto
+    FROM sync_action WHERE id > ? AND id <= ?) AS new WHERE upto - size < ?) AS sized ON sized_id = id ORDER BY id"""  # as pages count
 
 
 def held_polls() -> HeldPolls:
@@ -74,8 +73,9 @@ class HeldPolls:
 
     def __init__(self, engine: Engine, sqlite_file: str | None, bell: str | None, config: dict, wire_action_sqlite: str):
         self.engine, self.sqlite_file, self.bell, self.config = engine, sqlite_file, bell, config
-        concat, wire_action = ("string_agg", postgres.WIRE_ACTION) if sqlite_file is None else ("group_concat", wire_action_sqlite)
-        self.new_actions_sql = NEW_ACTIONS.format(wire_action=wire_action, concat_groups=f"{concat}(sync_group, ',')")
+        concat, wire_action, size = ("string_agg", postgres.WIRE_ACTION, postgres.ACTION_BYTES) if sqlite_file is None else (
+            "group_concat", wire_action_sqlite, "coalesce(length(data), 0) + length(model_id) + 100")
+        self.new_actions_sql = NEW_ACTIONS.format(wire_action=wire_action, concat_groups=f"{concat}(sync_group, ',')", size=size)
         self.lock = threading.Lock()
         self.by_group: dict[str, set[HeldPoll]] = defaultdict(set)
         self.by_user: dict[int, set[HeldPoll]] = defaultdict(set)
@@ -85,7 +85,7 @@ class HeldPolls:
         self.next_from: int | None = None
         self.next_changes_from: int | None = None
         self.reads_begun = self.reads_done = 0
-        self.head = self.changes_head = 0  # as the last finished read saw them
+        self.head = self.log_head = self.changes_head = 0  # as the last finished read saw them: where it ended, the log's head
         self.read_due = False  # read even if no commit was seen since the last read
         self.log_changed = threading.Event()  # the log or the memberships may have changed
         self.closed = False
@@ -128,7 +128,7 @@ class HeldPolls:
                 if answer is None and self.reads_done > poll.reads_before and self.head > poll.cursor:
                     # Every read since it was held covered it, and none concerned it: its cursor moves past them.
                     page["lastSyncId"] = min(self.head, poll.cursor + poll.limit)
-                    page["hasMore"] = page["lastSyncId"] < self.head
+                    page["hasMore"] = page["lastSyncId"] < self.log_head
         return answer
 
     def forget(self, poll: HeldPoll) -> None:
@@ -212,7 +212,7 @@ class HeldPolls:
                 with self.lock:
                     answered = self.dispatch(start, head, log_head, changes_start, changes, actions)
                     self.next_read_from(head, changes_head)
-                    self.reads_done, self.head, self.changes_head = self.reads_begun, head, changes_head
+                    self.reads_done, self.head, self.log_head, self.changes_head = self.reads_begun, head, log_head, changes_head
                     if self.next_from < head or self.next_changes_from < changes_head or head < log_head:
                         self.read_again()  # for polls held during the read, or for the rest of a long run
                 for first in range(0, len(answered), WAKE_AT_ONCE):

@@ -21,6 +21,7 @@ BEGIN_WRITE = "BEGIN ISOLATION LEVEL SERIALIZABLE"
 LOG_LOCK = 0x10C0_5E9C  # the advisory lock key of the log's tail
 SCHEMA_LOCK = LOG_LOCK + 1
 LARGE_WRITE_LOCK = LOG_LOCK + 2
+LARGE_WRITE_WAIT_S = 10
 
 
 class PostgresConnection:
@@ -62,8 +63,11 @@ def lock_log(db_connection) -> None:
 
 @contextlib.contextmanager
 def large_write_turn(db_connection):
-    """Held by one large write at a time (writer.py), on every app server, outside its transaction."""
-    db_connection.execute("SELECT pg_advisory_lock(?)", (LARGE_WRITE_LOCK,))
+    """Held by one large write at a time (writer.py), on every app server, outside its transaction. Waited
+    for at most LARGE_WRITE_WAIT_S: then lock_timeout's error, answered 503 type network (database.as_fault)."""
+    with db_connection.driver.transaction():  # a session's lock, taken in a transaction only for SET LOCAL
+        db_connection.execute(f"SET LOCAL lock_timeout = '{LARGE_WRITE_WAIT_S}s'")
+        db_connection.execute("SELECT pg_advisory_lock(?)", (LARGE_WRITE_LOCK,))
     try:
         yield
     finally:
@@ -104,6 +108,9 @@ def start_log_after(db_connection, sync_id: int) -> None:
 WIRE_ACTION = """'{"syncId":' || id || ',"action":' || to_json(action) || ',"modelName":' || to_json(model_name)
             || ',"modelId":' || to_json(model_id) || coalesce(',"data":' || nullif(data, 'null'), '') || '}'"""
 
+# An action's bytes on the wire, near enough, without building it: its row's, its id's, and 100 for the rest.
+ACTION_BYTES = "coalesce(octet_length(data), 0) + octet_length(model_id) + 100"
+
 # app.py's PAGE_SQLITE, said in PostgreSQL's dialect; a single statement reads one snapshot here too.
 PAGE = f"""
 WITH log AS (
@@ -117,7 +124,7 @@ page AS (
     SELECT least(%(until)s, head) AS cursor FROM log
 ),
 visible AS (
-    SELECT id, {WIRE_ACTION} AS wire
+    SELECT id, {ACTION_BYTES} AS size
     FROM sync_action
     WHERE id IN (
         SELECT sync_action_id FROM sync_action_group
@@ -126,13 +133,14 @@ visible AS (
     )
 ),
 sized AS (
-    SELECT id, wire, sum(length(wire) + 1) OVER (ORDER BY id) - length(wire) - 1 AS before FROM visible
+    SELECT id, sum(size) OVER (ORDER BY id) - size AS before FROM visible
 )
 SELECT log_start, head,
     CASE WHEN EXISTS (SELECT 1 FROM sized WHERE before >= %(max_bytes)s)
         THEN (SELECT max(id) FROM sized WHERE before < %(max_bytes)s) ELSE cursor END,
     (SELECT array_to_json(array_agg(sync_group ORDER BY sync_group <> 'all', sync_group))::text FROM caller_groups),
-    (SELECT coalesce(string_agg(wire, ',' ORDER BY id), '') FROM sized WHERE before < %(max_bytes)s),
+    (SELECT coalesce(string_agg({WIRE_ACTION}, ',' ORDER BY id), '') FROM sync_action
+     WHERE id IN (SELECT id FROM sized WHERE before < %(max_bytes)s)),
     (SELECT coalesce(max(id), 0) FROM membership_change),
     (SELECT token_sha256 FROM users WHERE id = %(user_id)s)
 FROM log, page

@@ -174,6 +174,22 @@ def test_a_held_polls_answer_stops_at_max_page_bytes_and_says_there_is_more(app,
     assert wire(rest["lastSyncId"]) == wire(since + 8) and last_sync_id == since + 10
 
 
+def test_a_wait_that_ends_after_a_read_cut_by_bytes_says_there_is_more(app, seeded, base_url, monkeypatch):
+    app.config["MAX_PAGE_BYTES"] = 10_000
+    held, since = app.extensions["held_polls"], head(seeded)
+    grace = sign_in(app, "Grace", "group:g2")
+    poll = poll_in_background(base_url, grace.token, f"since={since}&wait=2")
+    while held.count < 1:
+        time.sleep(0.01)
+    monkeypatch.setattr(held, "read_again", lambda: None)  # the wait ends before the reader goes on
+
+    mutate(seeded, *(todo(f"t{n}", "g1", text="x" * 3_000) for n in range(10, 30)))  # not hers; read 4 at a time
+
+    answer = finished(poll, 10)["body"]
+    assert answer["sync"] == [] and since < answer["lastSyncId"] < since + 20
+    assert wire(answer["hasMore"]) == "true"
+
+
 def test_polls_answered_with_the_same_actions_share_one_answer_not_a_copy_each(app, seeded, base_url, monkeypatch):
     """A 1 MB write to `all` with 1,000 polls held made a worker grow by 1 GB, one copy per poll."""
     held, since, answers = app.extensions["held_polls"], head(seeded), []

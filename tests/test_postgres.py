@@ -9,13 +9,14 @@ import time
 
 import psycopg
 import pytest
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 import app as app_module
 import machinery.writer as writer
 from app import apply_transaction, create_app, flavour, load, MutateSchema, read_page
 from machinery.database import speaking_sql
-from helpers import assert_error, create, fresh_database, group, mutate, same_user, shut_down, sign_in, todo, update, wire
+from helpers import assert_error, create, fresh_database, group, mutate, reader, same_user, shut_down, sign_in, snapshot, todo, update, wire
 from models import db
 
 TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL")
@@ -232,3 +233,45 @@ def test_large_writes_take_their_own_turn_one_at_a_time(pg_app, monkeypatch):
     for sender in senders:
         sender.join(10)
     assert second_started.is_set() and wire(ada.get("/sync").get_json()["lastSyncId"]) == wire(2 + 2 * (writer.ALONE_OVER + 1))
+
+
+def test_a_revocation_during_a_write_commits_after_it_never_before_it(pg_app, monkeypatch):
+    """Writers run side by side here: a revocation that committed while a write applied its changes
+    let the write commit after it. The write now holds its user's row (FOR SHARE) until it commits."""
+    ada = sign_in(pg_app, "Ada")
+    mutate(ada, group("g1"), create("Author", "a1", name="Ada"))
+    revoked, revoked_before_commit = threading.Event(), []
+    apply_change = app_module.apply_change
+
+    def revoke():
+        with reader(pg_app).begin() as other:  # another server's connection, outside this one's writer
+            other.execute(text("UPDATE users SET token_sha256 = '' WHERE id = :id"), {"id": ada.user_id})
+        revoked.set()
+
+    def during(db_connection, index, change, caller):
+        threading.Thread(target=revoke, daemon=True).start()
+        revoked_before_commit.append(revoked.wait(1))
+        return apply_change(db_connection, index, change, caller)
+
+    monkeypatch.setattr(app_module, "apply_change", during)
+    response = ada.post("/mutate", json={"changes": [todo("t1", "g1")]})
+
+    assert revoked.wait(10)
+    assert revoked_before_commit == [False] and response.status_code == 200  # the revocation waited for the write
+    assert_error(ada.get("/sync"), 401, "unauthorized", type="auth")
+
+
+def test_a_large_write_that_waits_too_long_for_its_turn_is_503_network_and_writes_nothing(pg_app, monkeypatch):
+    ada = sign_in(pg_app, "Ada")
+    mutate(ada, group("g1"), create("Author", "a1", name="Ada"))
+    monkeypatch.setattr(app_module.postgres, "LARGE_WRITE_WAIT_S", 0.5)
+    with reader(pg_app).connect() as other:  # another server's large write, holding the turn
+        other.execute(text("SELECT pg_advisory_lock(:key)"), {"key": app_module.postgres.LARGE_WRITE_LOCK})
+        before = snapshot(pg_app)
+
+        response = ada.post("/mutate", json={"changes": [todo(f"t{n}", "g1") for n in range(writer.ALONE_OVER + 1)]})
+
+        assert_error(response, 503, "database_unavailable", type="network")
+        assert snapshot(pg_app) == before
+        other.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": app_module.postgres.LARGE_WRITE_LOCK})
+    mutate(ada, *(todo(f"t{n}", "g1") for n in range(writer.ALONE_OVER + 1)))  # its turn free: written
