@@ -46,10 +46,10 @@ from servers import WORKERS, Gunicorn  # noqa: E402
 CONNECTIONS = 16
 # Each request-rate figure is the median of `rounds` runs of `seconds`, taken turn about with its ceiling.
 FULL = dict(seconds=3, rounds=6, history=(1_000, 1_000_000), todos=100_000, latency_samples=1_000, raw_transactions=5_000,
-            connected=(1_000, 5_000, 10_000), connected_seconds=60, fair_seconds=30, fair_tries=3)
+            connected=(1_000, 5_000, 10_000), connected_seconds=60, fair_seconds=30, fair_tries=3, fan_out_polls=1_000)
 SMOKE = dict(seconds=1, rounds=1, history=(1_000, 5_000), todos=2_000, latency_samples=30, raw_transactions=200,
              connected=(3,), connected_seconds=2,  # 3: fewer than a worker's threads, which held polls can exhaust today
-             fair_seconds=2, fair_tries=1)
+             fair_seconds=2, fair_tries=1, fan_out_polls=20)
 GROUPS = 100  # for the history rows: a user in all of them, and one in just group:g0
 
 
@@ -440,6 +440,7 @@ def main() -> None:
             progress("no PostgreSQL rows: set BENCH_DATABASE_URL (or TEST_DATABASE_URL) to a postgresql+psycopg:// URL")
         rows += connected_rows(size, directory, progress)
         rows += fair_writes_rows(size, directory, progress)
+        rows += fan_out_rows(size, directory, progress)
     finally:
         for server in servers:
             server.stop()
@@ -498,6 +499,17 @@ def connected_rows(size: dict, directory: Path, progress) -> list[tuple[str, ...
                      f"{size['connected_seconds']} s (`bench/connected.py`)", connected.row(result), "", "",
                      verdict(met, "all exactly once; propagation p50 ≤ 50 ms, p99 ≤ 500 ms; mutation p99 ≤ 100 ms; RSS ≤ 1 GiB; idle CPU ≤ 5 %")))
     return rows
+
+
+def fan_out_rows(size: dict, directory: Path, progress) -> list[tuple[str, ...]]:
+    """Row 10: a worker's memory when one write to `all` answers every held poll (bench/fan_out.py)."""
+    from bench import fan_out
+
+    progress("fan-out: held polls, then one 1 MB write to `all`")
+    result = fan_out.measure(directory, size["fan_out_polls"])
+    growth = result["after_mib"] - result["before_mib"]
+    return [("10", f"{result['polls']:,} polls held by one worker, then one write to `all` of about 1 MB (`bench/fan_out.py`)",
+             fan_out.report(result), "", "", verdict(growth <= 64, "worker growth ≤ 64 MiB"))]
 
 
 def fair_writes_rows(size: dict, directory: Path, progress) -> list[tuple[str, ...]]:

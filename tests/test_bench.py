@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ROWS = ["1a", "1b", "1c", "1d", "2", "3a", "3b", "4a", "4b", "5a", "5b", "6"]
 POSTGRES_ROWS = ["7a", "7b", "7c", "7d"]  # when TEST_DATABASE_URL names a PostgreSQL database
 CONNECTED_ROWS = ["8a"]  # at the smoke size, one crowd of connected clients
-FAIR_ROWS = ["9"]  # bench/fair_writes.py
+FAIR_ROWS = ["9", "10"]  # bench/fair_writes.py, bench/fan_out.py
 
 
 def test_the_benchmark_measures_every_row_of_its_table():
@@ -31,7 +31,7 @@ def test_the_benchmark_measures_every_row_of_its_table():
     result = subprocess.run([sys.executable, "bench/run.py", "--smoke"], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
     assert result.returncode == 0, result.stderr
-    table = {line.split("|")[1].strip(): line for line in result.stdout.splitlines() if re.match(r"\| \d[a-d]? \|", line)}
+    table = {line.split("|")[1].strip(): line for line in result.stdout.splitlines() if re.match(r"\| \d+[a-d]? \|", line)}
     assert list(table) == ROWS + (POSTGRES_ROWS if os.environ.get("TEST_DATABASE_URL") else []) + CONNECTED_ROWS + FAIR_ROWS, result.stdout
     for row, line in table.items():
         figure = line.split("|")[3]
