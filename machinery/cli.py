@@ -1,4 +1,4 @@
-"""The flask commands: init-db, seed, create-user, new-token, revoke-token, add-member, remove-member.
+"""The flask commands: init-db, seed, create-user, new-token, revoke-token, add-member, remove-member, log.
 
 A sync server needs users, tokens and memberships before any client can
 call it; these commands make them, and write through app.py's own write path
@@ -14,8 +14,8 @@ import secrets
 import click
 from flask.cli import with_appcontext
 
-from app import MutateSchema, apply_transaction, in_write_transaction, join, leave, load, read_head, sha256
-from machinery.database import DbConnection, create_schema, schema_statements, start_log_after
+from app import MutateSchema, apply_transaction, caller_sync_groups, in_write_transaction, join, leave, load, read_head, sha256
+from machinery.database import DbConnection, create_schema, read_transaction, schema_statements, start_log_after
 from machinery.long_poll import membership_changed
 from models import SYNCED_MODELS, db
 
@@ -194,6 +194,33 @@ def remove_member_command(user_id: int, group_id: str):
     click.echo(f"User {user_id} is not a member of group:{group_id}.")
 
 
+@click.command("log")
+@click.option("--as", "as_user", type=int, help="Also say whether this user sees each action.")
+@click.option("--since", type=int, default=0, show_default=True, help="Start after this syncId.")
+@click.option("--limit", type=int, default=50, show_default=True, help="Print at most this many actions.")
+@with_appcontext
+def log_command(as_user: int | None, since: int, limit: int):
+    """Print the sync log, an action a line: its syncId, action, model, id and sync groups."""
+    with read_transaction() as db_connection:  # one snapshot: the actions and the user's groups agree
+        actions = db_connection.execute("SELECT id, action, model_name, model_id FROM sync_action WHERE id > ? ORDER BY id LIMIT ?",
+                                        (since, limit)).fetchall()
+        last = actions[-1][0] if actions else since
+        groups: dict[int, list[str]] = {}
+        for sync_id, sync_group in db_connection.execute("SELECT sync_action_id, sync_group FROM sync_action_group WHERE "
+                                                         "sync_action_id > ? AND sync_action_id <= ? ORDER BY sync_group", (since, last)):
+            groups.setdefault(sync_id, []).append(sync_group)
+        if as_user is not None:
+            require_user(db_connection, as_user)
+            sees = set(caller_sync_groups(db_connection, as_user, None))
+    header = ["syncId", "action", "model", "id", "sync groups", *([f"user {as_user} sees"] if as_user is not None else [])]
+    rows = [[str(sync_id), action, model, model_id, ", ".join(groups[sync_id]),
+             *(["yes" if sees.intersection(groups[sync_id]) else "no"] if as_user is not None else [])]
+            for sync_id, action, model, model_id in actions]
+    widths = [max(len(row[n]) for row in [header, *rows]) for n in range(len(header))]
+    for row in [header, *rows]:
+        click.echo("  ".join(cell.rjust(width) if n == 0 else cell.ljust(width) for n, (cell, width) in enumerate(zip(row, widths))).rstrip())
+
+
 def require_user(db_connection: DbConnection, user_id: int) -> None:
     if db_connection.execute("SELECT 1 FROM users WHERE id = ?", (user_id,)).fetchone() is None:
         raise click.ClickException(f"There is no user {user_id}.")
@@ -206,4 +233,4 @@ def require_groups(db_connection: DbConnection, group_ids) -> None:
 
 
 COMMANDS = (init_db_command, seed_command, create_user_command, new_token_command, revoke_token_command, add_member_command,
-            remove_member_command)
+            remove_member_command, log_command)

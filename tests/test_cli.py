@@ -172,3 +172,21 @@ def test_database_url_wins_over_instance_config(tmp_path, monkeypatch):
         assert (tmp_path / "from-environment.sqlite3").exists() and not (tmp_path / "from-config.sqlite3").exists()
     finally:
         shut_down(app)
+
+
+def test_log_prints_each_action_with_its_sync_groups_and_whether_a_user_sees_it(app, runner):
+    seed(runner)
+
+    result = runner.invoke(args=["log", "--as", "2", "--since", "4", "--limit", "3"])
+
+    assert result.exit_code == 0, result.output
+    assert result.output == (
+        "syncId  action  model   id  sync groups  user 2 sees\n"
+        "     5  insert  Todo    t3  group:g2     no\n"
+        "     6  insert  Author  a2  all          yes\n"
+        "     7  insert  Todo    t2  group:g1     yes\n"
+    )
+    assert runner.invoke(args=["log", "--since", "6"]).output == "syncId  action  model  id  sync groups\n     7  insert  Todo   t2  group:g1\n"
+    assert runner.invoke(args=["log", "--since", "7"]).output == "syncId  action  model  id  sync groups\n"
+    result = runner.invoke(args=["log", "--as", "99"])
+    assert result.exit_code != 0 and "There is no user 99" in result.output
