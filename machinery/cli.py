@@ -196,8 +196,8 @@ def remove_member_command(user_id: int, group_id: str):
 
 @click.command("log")
 @click.option("--as", "as_user", type=int, help="Also say whether this user sees each action.")
-@click.option("--since", type=int, default=0, show_default=True, help="Start after this syncId.")
-@click.option("--limit", type=int, default=50, show_default=True, help="Print at most this many actions.")
+@click.option("--since", type=click.IntRange(0), default=0, show_default=True, help="Start after this syncId.")
+@click.option("--limit", type=click.IntRange(1), default=50, show_default=True, help="Print at most this many actions.")
 @with_appcontext
 def log_command(as_user: int | None, since: int, limit: int):
     """Print the sync log, an action a line: its syncId, action, model, id and sync groups."""

@@ -190,3 +190,6 @@ def test_log_prints_each_action_with_its_sync_groups_and_whether_a_user_sees_it(
     assert runner.invoke(args=["log", "--since", "7"]).output == "syncId  action  model  id  sync groups\n"
     result = runner.invoke(args=["log", "--as", "99"])
     assert result.exit_code != 0 and "There is no user 99" in result.output
+    for bad in (["--limit", "0"], ["--since", "-1"]):
+        result = runner.invoke(args=["log", *bad])
+        assert result.exit_code == 2 and "Invalid value" in result.output
