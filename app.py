@@ -84,7 +84,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         chosen = app.extensions["flavour"] = configure_database(db.engine, app.config)
         sqlite_file = None if chosen.postgres else db.engine.url.database
         writer = app.extensions["writer"] = Writer(sqlite_file, app.config, postgres=chosen.postgres)
-        app.extensions["held_polls"] = HeldPolls(db.engine, sqlite_file, writer.lock.path, app.config, WIRE_ACTION_SQLITE)
+        app.extensions["held_polls"] = HeldPolls(db.engine, sqlite_file, writer.lock.path, app.config, (WIRE_ACTION_SQLITE, ACTION_BYTES_SQLITE))
         if not schema_is_complete(db.engine):
             # Under the write lock, with busy retries, so server processes starting together do not race.
             in_write_transaction(create_schema)
@@ -564,6 +564,7 @@ WIRE_ACTION_SQLITE = """CASE WHEN data IS NULL OR data = 'null'  -- a delete; 'n
         THEN json_object('syncId', id, 'action', action, 'modelName', model_name, 'modelId', model_id)
         ELSE json_object('syncId', id, 'action', action, 'modelName', model_name, 'modelId', model_id, 'data', json(data))
     END"""
+ACTION_BYTES_SQLITE = "coalesce(length(data), 0) + length(model_id) + 100"  # an action's wire, near enough, without building it
 PAGE_SQLITE = f"""
 WITH log(log_start, head) AS (
     SELECT log_start, coalesce((SELECT max(id) FROM sync_action), log_start)
@@ -575,8 +576,8 @@ caller_groups(sync_group) AS (
 page(cursor) AS (
     SELECT min(:until, head) FROM log
 ),
-visible(id, size) AS (  -- an action's bytes: its row's, its id's, and 100 for the rest (the wire is built below, for the page only)
-    SELECT id, coalesce(length(data), 0) + length(model_id) + 100
+visible(id, size) AS (  -- the wire is built below, for the page's actions only
+    SELECT id, {ACTION_BYTES_SQLITE}
     FROM sync_action
     WHERE id IN (
         SELECT sync_action_id FROM sync_action_group  -- an index range scan per group: see models.py

@@ -71,10 +71,10 @@ class HeldPoll:
 class HeldPolls:
     """This process's held polls, and the one reader that answers them."""
 
-    def __init__(self, engine: Engine, sqlite_file: str | None, bell: str | None, config: dict, wire_action_sqlite: str):
+    def __init__(self, engine: Engine, sqlite_file: str | None, bell: str | None, config: dict, sqlite_sql: tuple[str, str]):
         self.engine, self.sqlite_file, self.bell, self.config = engine, sqlite_file, bell, config
-        concat, wire_action, size = ("string_agg", postgres.WIRE_ACTION, postgres.ACTION_BYTES) if sqlite_file is None else (
-            "group_concat", wire_action_sqlite, "coalesce(length(data), 0) + length(model_id) + 100")
+        wire_action, size = (postgres.WIRE_ACTION, postgres.ACTION_BYTES) if sqlite_file is None else sqlite_sql  # app.py's, in SQLite's
+        concat = "string_agg" if sqlite_file is None else "group_concat"
         self.new_actions_sql = NEW_ACTIONS.format(wire_action=wire_action, concat_groups=f"{concat}(sync_group, ',')", size=size)
         self.lock = threading.Lock()
         self.by_group: dict[str, set[HeldPoll]] = defaultdict(set)
