@@ -127,9 +127,13 @@ def user_for_token(header: str | None) -> tuple[int, str]:
         raise unauthorized("The Authorization header must be 'Bearer <token>', with a token as printed by "
                            "`flask --app app create-user` or `seed`.")
     user_id, token_sha256 = int(match[1]), sha256(match[2])
-    stored = connection().execute("SELECT token_sha256 FROM users WHERE id = ?", (user_id,)).fetchone()
-    check_token(stored and stored[0], token_sha256)
+    check_token(stored_token(connection(), user_id), token_sha256)
     return user_id, token_sha256
+
+
+def stored_token(db_connection: DbConnection, user_id: int, lock: str = "") -> str | None:
+    stored = db_connection.execute(f"SELECT token_sha256 FROM users WHERE id = ?{lock}", (user_id,)).fetchone()
+    return stored and stored[0]
 
 
 def check_token(stored_sha256: str | None, token_sha256: str) -> None:  # in constant time, even when there is no such user
@@ -150,8 +154,7 @@ def caller_sync_groups(db_connection: DbConnection, user_id: int, token_sha256: 
     since authenticate() is refused, not served (or let write) from a snapshot after its revocation."""
     if token_sha256 is not None:  # a write on PostgreSQL locks the row, so a revocation commits before it or after it
         lock = " FOR SHARE" if writing and flavour().postgres else ""  # SQLite's writers already take turns
-        stored = db_connection.execute(f"SELECT token_sha256 FROM users WHERE id = ?{lock}", (user_id,)).fetchone()
-        check_token(stored and stored[0], token_sha256)
+        check_token(stored_token(db_connection, user_id, lock), token_sha256)
     memberships = db_connection.execute("SELECT sync_group FROM memberships WHERE user_id = ? ORDER BY sync_group", (user_id,))
     return ["all", *(sync_group for (sync_group,) in memberships)]
 
@@ -607,9 +610,10 @@ def page_response(page: dict[str, Any]):
     sync = page["sync"] if isinstance(page["sync"], bytes) else page["sync"].encode()
     tail = ('],"lastSyncId":%d,"syncGroups":%s,"hasMore":%s}\n' % (page["lastSyncId"], page["syncGroups"], "true" if page["hasMore"] else "false")).encode()
     # A large page is sent as it is, not copied into a body per poll: a write to `all` may answer thousands.
-    body = [b'{"sync":[', sync, tail] if len(sync) > 65_536 else b'{"sync":[' + sync + tail
+    head = b'{"sync":['
+    body = [head, sync, tail] if len(sync) > 65_536 else head + sync + tail
     response = current_app.response_class(body, mimetype="application/json")
-    response.content_length = 9 + len(sync) + len(tail)
+    response.content_length = len(head) + len(sync) + len(tail)
     return response
 
 

@@ -142,23 +142,22 @@ def within_limits(changes: list, applied: Iterator) -> Iterator:
     the write lock held only until that change, not for the rest of the transaction."""
     config, total, applied = current_app.config, 0, iter(applied)
     for index, change in enumerate(changes):
-        where = change.where(index)
         for name, value in change.data.items():
             # Measured as the log stores it: JSON in ASCII, other characters escaped (\u00e9: 6 bytes).
             size = len(json.dumps(value)) - 2 if isinstance(value, str) and len(value) * 12 > config["MAX_STRING_BYTES"] else 0
             if size > config["MAX_STRING_BYTES"]:
                 field = change.model.wire_name(name)
-                raise ApiError(413, "string_too_large", f"{where}: {field} is {size:,} bytes as stored, over MAX_STRING_BYTES "
+                raise ApiError(413, "string_too_large", f"{change.where(index)}: {field} is {size:,} bytes as stored, over MAX_STRING_BYTES "
                                f"({config['MAX_STRING_BYTES']:,}).", details={"change": index})
         action = next(applied)
         size = len(action.data.encode()) if action.data else 0
         if size > config["MAX_ROW_BYTES"]:
-            raise ApiError(413, "row_too_large", f"{where}: the row would be {size:,} bytes, over MAX_ROW_BYTES "
+            raise ApiError(413, "row_too_large", f"{change.where(index)}: the row would be {size:,} bytes, over MAX_ROW_BYTES "
                            f"({config['MAX_ROW_BYTES']:,}).", details={"change": index})
         total += size
         if total > config["MAX_TRANSACTION_BYTES"]:
             raise ApiError(413, "transaction_too_large", f"The transaction's rows would be over MAX_TRANSACTION_BYTES "
-                           f"({config['MAX_TRANSACTION_BYTES']:,}) at {where}: send it in smaller transactions.")
+                           f"({config['MAX_TRANSACTION_BYTES']:,}) at {change.where(index)}: send it in smaller transactions.")
         yield action
 
 
