@@ -33,10 +33,11 @@ from machinery import browser, postgres
 from machinery.database import DbConnection, Flavour, configure_database, connection, create_schema, flavour, read_transaction
 from machinery.database import as_fault, engine_options, own_connection, read_in_time, return_connection, schema_is_complete
 from machinery.errors import ApiError
-from machinery.input import LIMITS, CommaList, SyncId, WaitSeconds, json_body, load, query_args, shared, short, within_limits
+from machinery.input import LIMITS, CommaList, SyncId, WaitSeconds, from_http_error, json_body, known_model, load, query_args, shared, short
+from machinery.input import well_formed_sync_group, within_limits
 from machinery.long_poll import REREAD, HeldPolls, held_polls, membership_changed
 from machinery.writer import Writer
-from models import INT64, MAX_ID_LENGTH, SYNCED_MODELS, SyncedModel, db, model_id
+from models import INT64, MAX_ID_LENGTH, SCHEMA_VERSION, SYNCED_MODELS, Int64, SyncedModel, db, model_id
 
 api = Blueprint("api", __name__)
 T = TypeVar("T")
@@ -97,7 +98,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.add_url_rule("/", view_func=browser.demo_page)  # and CORS: what a client in a browser needs
     app.after_request(browser.allow_cross_origin)
     app.register_error_handler(ApiError, error_response)
-    app.register_error_handler(HTTPException, http_error)
+    app.register_error_handler(HTTPException, lambda error: error_response(from_http_error(error)))  # Werkzeug's 404, 405, 413
     app.register_error_handler(Exception, unexpected_error)
     for command in cli.COMMANDS:
         app.cli.add_command(command)
@@ -113,6 +114,7 @@ def authenticate() -> None:
     if request.method == "OPTIONS":
         return  # a CORS preflight carries no credentials
     g.user_id, g.token_sha256 = user_for_token(request.headers.get("Authorization"))
+    check_schema_version(request.headers.get("Loco-Schema-Version"))
 
 
 TOKEN = re.compile(r"(?i:bearer) +([1-9][0-9]{0,17})\.([A-Za-z0-9_-]{1,100})")
@@ -147,6 +149,21 @@ def unauthorized(message: str) -> ApiError:
 
 def sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def check_schema_version(sent: str | None) -> None:
+    """A client built for another version of models.py (if it says) must load the new one and start over."""
+    if sent is not None and not re.fullmatch(r"[0-9]{1,9}", sent):
+        raise ApiError(400, "invalid_request", "Loco-Schema-Version must be an integer.", details={"Loco-Schema-Version": ["Must be an integer, like 1."]})
+    if sent is not None and int(sent) != SCHEMA_VERSION:
+        raise bootstrap_again("schema_changed", f"This client was built for schema version {int(sent)}; "
+                              f"the server's is {SCHEMA_VERSION}.", schemaVersion=SCHEMA_VERSION)
+
+
+def bootstrap_again(reason: str, message: str, **details) -> ApiError:
+    """The one answer that tells a client its local state cannot be continued: reset (init-db, or another
+    database), compacted (the log no longer reaches its cursor), schema_changed. It drops its store and bootstraps."""
+    return ApiError(409, "bootstrap_again", f"{message} Bootstrap again.", details={"reason": reason, **details})
 
 
 def caller_sync_groups(db_connection: DbConnection, user_id: int, token_sha256: str | None, writing: bool = False) -> list[str]:
@@ -223,13 +240,15 @@ class MutateSchema(Schema):
     length = validate.Length(1, MAX_CHANGES, error="A transaction has {min} to {max} changes.")
     changes = fields.List(fields.Nested(ChangeSchema), required=True, validate=length)
     transaction_id = fields.String(data_key="transactionId", validate=validate.Length(1, MAX_ID_LENGTH))
+    base_sync_id = Int64(validate.Range(0), data_key="baseSyncId")  # the newest syncId its client had seen when it first sent it
 
 
 @api.post("/mutate")
 def mutate():
     body = json_body()
     mutation = load(shared(MutateSchema), body)
-    transaction = (mutation["changes"], g.user_id, mutation.get("transaction_id"), fingerprint(body["changes"]), g.token_sha256)
+    transaction = (mutation["changes"], g.user_id, mutation.get("transaction_id"), fingerprint(body["changes"]), g.token_sha256,
+                   mutation.get("base_sync_id"))
     last_sync_id = in_write_transaction(lambda db_connection: apply_transaction(db_connection, *transaction), len(mutation["changes"]))
     held_polls().log_may_have_grown()  # this process's held polls see it now, not at their next check
     return {"lastSyncId": last_sync_id}
@@ -271,7 +290,7 @@ class PendingAction:
 
 
 def apply_transaction(db_connection: DbConnection, changes: list[Change], user_id: int, transaction_id: str | None,
-                      changes_sha256: str, token_sha256: str | None = None) -> int:
+                      changes_sha256: str, token_sha256: str | None = None, base_sync_id: int | None = None) -> int:
     """Inside one write transaction: check and apply each change as `user_id`, whose token a
     request gives (a command, such as seed, gives none), append one sync action per change with
     its group links, and return the greatest syncId written. A retried transactionId is answered, not applied again."""
@@ -285,15 +304,20 @@ def apply_transaction(db_connection: DbConnection, changes: list[Change], user_i
                 message = f"transactionId {transaction_id!r} was already committed with different changes."
                 raise ApiError(409, "transaction_id_reused", message)
             return done[1]  # a retry: answer it, write nothing
+    if base_sync_id is not None and base_sync_id < (start := log_start(db_connection))[0]:
+        # Its record, if it was committed, went with the log: refused, so that it can never be applied twice.
+        raise bootstrap_again(start[1], f"baseSyncId={base_sync_id} is older than the log, which starts after {start[0]}.")
     # Every row first, then the log: a refused change takes no syncId, and the log's lock is held only from there to COMMIT.
     applied = (apply_change(db_connection, index, change, caller) for index, change in enumerate(changes))
     pending = list(within_limits(changes, applied))  # every row small enough to be served, and the whole too (413)
     if caller.joined:  # once, at the end: on PostgreSQL it takes the log's lock, which is then held to COMMIT
         membership_changed(db_connection, user_id)
     last_sync_id = append_to_log(db_connection, pending)
+    if base_sync_id is not None and base_sync_id >= last_sync_id:  # a syncId this database never gave: another one's
+        raise bootstrap_again("reset", f"baseSyncId={base_sync_id} is not a syncId of this database.")
     if transaction_id is not None:
-        insert = "INSERT INTO client_transaction (user_id, transaction_id, changes_sha256, last_sync_id) VALUES (?, ?, ?, ?)"
-        db_connection.execute(insert, (user_id, transaction_id, changes_sha256, last_sync_id))
+        insert = "INSERT INTO client_transaction (user_id, transaction_id, changes_sha256, last_sync_id, base_sync_id) VALUES (?, ?, ?, ?, ?)"
+        db_connection.execute(insert, (user_id, transaction_id, changes_sha256, last_sync_id, base_sync_id))
     return last_sync_id
 
 
@@ -363,10 +387,11 @@ def apply_change(db_connection: DbConnection, index: int, change: Change, caller
 def append_to_log(db_connection: DbConnection, pending: list[PendingAction]) -> int:
     """Append the sync actions and their group links; return the last syncId."""
     lock_log(db_connection)
+    now = int(time.time())
     for action in pending:
         (sync_id,) = db_connection.execute(
-            "INSERT INTO sync_action (action, model_name, model_id, data) VALUES (?, ?, ?, ?) RETURNING id",
-            (action.action, action.model_name, action.model_id, action.data),
+            "INSERT INTO sync_action (action, model_name, model_id, data, created_at) VALUES (?, ?, ?, ?, ?) RETURNING id",
+            (action.action, action.model_name, action.model_id, action.data, now),
         ).fetchone()
         db_connection.executemany(
             "INSERT INTO sync_action_group (sync_group, sync_action_id) VALUES (?, ?)", [(group, sync_id) for group in action.sync_groups]
@@ -413,21 +438,6 @@ def check_not_referenced(db_connection: DbConnection, model: SyncedModel, row: d
 
 
 # --- 4. GET /bootstrap ------------------------------------------------------
-
-
-def known_model(name: str) -> SyncedModel:
-    if name not in SYNCED_MODELS:
-        raise ValidationError(f"Unknown model {name!r}. Known models: {', '.join(sorted(SYNCED_MODELS))}.")
-    return SYNCED_MODELS[name]
-
-
-SYNC_GROUP = re.compile(rf"all|group:[^,]{{1,{MAX_ID_LENGTH}}}")
-
-
-def well_formed_sync_group(name: str) -> str:
-    if not SYNC_GROUP.fullmatch(name):
-        raise ValidationError(f"Malformed sync group {name!r}: expected 'all' or 'group:<groupId>'.")
-    return name
 
 
 class BootstrapQuerySchema(Schema):
@@ -491,14 +501,17 @@ def read_rows(db_connection: DbConnection, chosen: Flavour, model: SyncedModel, 
             yield [reader.wire_row(row) for row in rows]
 
 
-LOG_BOUNDS = "SELECT (SELECT max(id) FROM sync_action), (SELECT after_sync_id FROM sync_log_start)"
+def log_start(db_connection: DbConnection) -> tuple[int, str]:
+    """Where the log starts, and why there: reset (init-db) or compacted (compact-log)."""
+    start = db_connection.execute("SELECT after_sync_id, reason FROM sync_log_start").fetchone()
+    return (start[0], start[1] or "reset") if start else (0, "reset")
 
 
 def read_head(db_connection: DbConnection) -> int:
     """The greatest syncId, as this transaction's snapshot sees it; an empty log's head is
     where it starts (0, or above the log that init-db wiped)."""
-    newest, start = db_connection.execute(LOG_BOUNDS).fetchone()
-    return newest or start or 0
+    (newest,) = db_connection.execute("SELECT max(id) FROM sync_action").fetchone()
+    return newest or log_start(db_connection)[0]
 
 
 # --- 5. GET /sync -----------------------------------------------------------
@@ -527,7 +540,7 @@ def sync():
     if "since" not in query:  # the handshake
         with read_transaction() as db_connection:
             head, sync_groups = read_head(db_connection), caller_sync_groups(db_connection, g.user_id, g.token_sha256)
-        return {"sync": [], "lastSyncId": head, "syncGroups": sync_groups, "hasMore": False}
+        return {"sync": [], "lastSyncId": head, "syncGroups": sync_groups, "hasMore": False, "schemaVersion": SCHEMA_VERSION}
 
     since, limit = query["since"], query.get("limit", DEFAULT_LIMIT)
     # A long poll (wait=) holds an empty page until an action the caller may see arrives, or the wait ends.
@@ -549,11 +562,12 @@ def read_page(since: int, until: int | None, limit: int) -> dict[str, Any]:
     # The page scans at most `limit` syncIds; summed here, where integers do not overflow.
     params = {"user_id": g.user_id, "since": since, "until": min(last, since + limit), "max_bytes": current_app.config["MAX_PAGE_BYTES"]}
     statement = postgres.PAGE if flavour().postgres else PAGE_SQLITE  # the same statement in PostgreSQL's dialect
-    log_start, head, cursor, sync_groups, actions, changes, token_sha256 = connection().execute(statement, params).fetchone()
+    start, why, head, cursor, sync_groups, actions, changes, token_sha256 = connection().execute(statement, params).fetchone()
     check_token(token_sha256, g.token_sha256)  # in the page's snapshot: see caller_sync_groups
-    if not log_start <= since <= head:
-        reason = f"since={since} is not a cursor of this database, whose log runs from {log_start} to {head}"
-        raise ApiError(409, "unknown_cursor", f"{reason}: the database was reset after this client synced. Bootstrap again.")
+    if since < start:  # compacted past it, or from before an init-db
+        raise bootstrap_again(why or "reset", f"since={since} is older than the log, which starts after {start}.")
+    if since > head:
+        raise bootstrap_again("reset", f"since={since} is not a cursor of this database, whose log ends at {head}.")
     return {"sync": actions, "lastSyncId": cursor, "syncGroups": sync_groups, "hasMore": cursor < min(head, last),
             "membershipChanges": changes}  # for a long poll: how far this snapshot saw memberships change
 
@@ -594,7 +608,7 @@ fitting(wire) AS (
     SELECT {WIRE_ACTION_SQLITE} FROM sync_action WHERE id IN (SELECT id FROM sized WHERE before < :max_bytes)
     ORDER BY id  -- kept by group_concat: SQLite never flattens an ordered subquery into an aggregate
 )
-SELECT log_start, head,
+SELECT log_start, (SELECT reason FROM sync_log_start), head,
     CASE WHEN EXISTS (SELECT 1 FROM sized WHERE before >= :max_bytes) THEN (SELECT max(id) FROM sized WHERE before < :max_bytes)
         ELSE cursor END,
     (SELECT json_group_array(sync_group) FROM (SELECT sync_group FROM caller_groups ORDER BY sync_group != 'all', sync_group)),
@@ -624,22 +638,6 @@ def page_response(page: dict[str, Any]):
 def error_response(error: ApiError):
     body = {"error": {"type": error.type, "code": error.code, "message": error.message, "details": error.details}}
     return body, error.status, error.headers
-
-
-HTTP_ERROR_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
-                    415: "unsupported_media_type"}
-
-
-def http_error(error: HTTPException):
-    if error.code == 404:
-        message = f"No endpoint at {short(request.path)}. The API is POST /mutate, GET /bootstrap and GET /sync."
-    elif error.code == 413:
-        message = f"The body is over the limit of {current_app.config['MAX_CONTENT_LENGTH']} bytes."
-    else:
-        message = error.description
-    code = HTTP_ERROR_CODES.get(error.code, re.sub(r"\W+", "_", (error.name or "error").lower()))
-    headers = {k: v for k, v in error.get_headers() if k == "Allow"}
-    return error_response(ApiError(error.code or 500, code, message, headers=headers))
 
 
 def unexpected_error(error: Exception):

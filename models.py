@@ -28,6 +28,9 @@ class Base(DeclarativeBase):
 db = SQLAlchemy(model_class=Base)
 
 MAX_ID_LENGTH = 255
+# The wire shape of the models below. Raise it when a change of theirs would break a client built for the
+# old one: a client that sends another version is told to bootstrap again (docs/production.md, "Changing a model").
+SCHEMA_VERSION = 1
 SYNC_GROUP_LENGTH = len("group:") + MAX_ID_LENGTH
 INT64 = (-(2**63), 2**63 - 1)
 
@@ -224,8 +227,8 @@ def synced(name: str, schema: type[Schema], sync_groups: Everyone | InGroup, own
 
 
 class Int64(fields.Integer):
-    def __init__(self, **kwargs):
-        super().__init__(strict=True, validate=validate.Range(*INT64), **kwargs)
+    def __init__(self, *checks, **kwargs):
+        super().__init__(strict=True, validate=[validate.Range(*INT64), *checks], **kwargs)
 
     def _deserialize(self, value, attr, data, **kwargs):
         if isinstance(value, bool):
@@ -347,6 +350,7 @@ class SyncAction(db.Model):
     model_name: Mapped[str] = mapped_column(String(MAX_ID_LENGTH))
     model_id: Mapped[str] = mapped_column(String(MAX_ID_LENGTH))
     data: Mapped[str | None] = mapped_column(Text)  # the full row as compact JSON, sent as stored; None for delete
+    created_at: Mapped[int | None] = mapped_column(BigInteger)  # Unix seconds, for `compact-log --keep DAYS`
 
 
 class SyncActionGroup(db.Model):
@@ -360,11 +364,13 @@ class SyncActionGroup(db.Model):
 
 
 class SyncLogStart(db.Model):
-    """At most one row: after `init-db` wipes a used database, its new log
-    starts above the old one, and cursors below the start are refused."""
+    """At most one row: where the log starts, after `init-db` wiped a used database (its new log
+    starts above the old one) or `compact-log` removed its oldest actions. A cursor below it is
+    answered "bootstrap again", with this reason."""
 
     __tablename__ = "sync_log_start"
     after_sync_id: Mapped[int] = mapped_column(primary_key=True)
+    reason: Mapped[str | None] = mapped_column(String(16))  # reset | compacted; None (older databases) is reset
 
 
 class ClientTransaction(db.Model):
@@ -374,5 +380,8 @@ class ClientTransaction(db.Model):
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), primary_key=True)  # each user has its own ids
     transaction_id: Mapped[str] = mapped_column(String(MAX_ID_LENGTH), primary_key=True)
     changes_sha256: Mapped[str] = mapped_column(String(64))
-    last_sync_id: Mapped[int]
+    last_sync_id: Mapped[int] = mapped_column(index=True)
+    # The newest syncId its client had seen when it first sent it. Only records that have one are pruned with
+    # the log: a retry whose base is below the log's start may be of a pruned record, so it is refused, never applied again.
+    base_sync_id: Mapped[int | None]
 

@@ -242,7 +242,7 @@ def raw_sqlite_transactions(directory: Path, count: int) -> float:
         connection.execute("INSERT INTO todos VALUES (?, 'Benchmark', 'a1', 'g1', 0, 0)", (row["id"],))
         sync_id = connection.execute("INSERT INTO sync_action (action, model_name, model_id, data) VALUES ('insert', 'Todo', ?, ?)", (row["id"], json.dumps(row))).lastrowid
         connection.execute("INSERT INTO sync_action_group VALUES ('group:g1', ?)", (sync_id,))
-        connection.execute("INSERT INTO client_transaction VALUES (1, ?, '', ?)", (row["id"], sync_id))
+        connection.execute("INSERT INTO client_transaction (user_id, transaction_id, changes_sha256, last_sync_id) VALUES (1, ?, '', ?)", (row["id"], sync_id))
         connection.execute("COMMIT")
     rate = count / (time.perf_counter() - started)
     connection.close()

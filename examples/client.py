@@ -38,8 +38,8 @@ def sync(base, headers):
                 refusal = json.load(error)["error"]
             except ValueError:  # not our answer (a proxy's 502): a network error
                 refusal = {"type": "network", "code": None}
-            if refusal["code"] == "unknown_cursor":
-                cursor = None  # the database was reset (init-db): start again
+            if refusal["code"] == "bootstrap_again":
+                cursor = None  # reset, compacted, or new models: start again
             elif refusal["type"] == "server":
                 raise
             else:

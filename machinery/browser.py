@@ -15,7 +15,7 @@ from flask import current_app, render_template
 def allow_cross_origin(response):
     response.headers["Access-Control-Allow-Origin"] = current_app.config["CORS_ORIGIN"]
     response.headers["Access-Control-Allow-Methods"] = "GET, POST"
-    response.headers["Access-Control-Allow-Headers"] = "Content-Type, Authorization"
+    response.headers["Access-Control-Allow-Headers"] = "Content-Type, Authorization, Loco-Schema-Version"
     response.headers["Access-Control-Expose-Headers"] = "Retry-After"
     response.headers["Access-Control-Max-Age"] = "600"
     return response

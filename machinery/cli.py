@@ -1,4 +1,5 @@
-"""The flask commands: init-db, seed, create-user, new-token, revoke-token, add-member, remove-member, log.
+"""The flask commands: init-db, seed, create-user, new-token, revoke-token, add-member, remove-member, log
+(and compact-log, from machinery/compaction.py).
 
 A sync server needs users, tokens and memberships before any client can
 call it; these commands make them, and write through app.py's own write path
@@ -15,6 +16,7 @@ import click
 from flask.cli import with_appcontext
 
 from app import MutateSchema, apply_transaction, caller_sync_groups, in_write_transaction, join, leave, load, read_head, sha256
+from machinery.compaction import compact_log_command
 from machinery.database import DbConnection, create_schema, read_transaction, schema_statements, start_log_after
 from machinery.long_poll import membership_changed
 from models import SYNCED_MODELS, db
@@ -53,7 +55,7 @@ def init_db_command():
             # Start the new log above the old one, so /sync can tell a client
             # that still holds a cursor of the wiped database to bootstrap again.
             log_start = old_head + 1
-            db_connection.execute("INSERT INTO sync_log_start (after_sync_id) VALUES (?)", (log_start,))
+            db_connection.execute("INSERT INTO sync_log_start (after_sync_id, reason) VALUES (?, 'reset')", (log_start,))
             start_log_after(db_connection, log_start)
         # Every held poll, on every process, reads again: its token and cursor are the old database's.
         membership_changed(db_connection, None, after=old_changes)
@@ -233,4 +235,4 @@ def require_groups(db_connection: DbConnection, group_ids) -> None:
 
 
 COMMANDS = (init_db_command, seed_command, create_user_command, new_token_command, revoke_token_command, add_member_command,
-            remove_member_command, log_command)
+            remove_member_command, log_command, compact_log_command)

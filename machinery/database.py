@@ -204,6 +204,8 @@ def schema_is_complete(engine: Engine) -> bool:
             return False
         if {index.name for index in table.indexes} - {index["name"] for index in catalog.get_indexes(table.name)}:
             return False
+        if {column.name for column in table.columns} - {column["name"] for column in catalog.get_columns(table.name)}:
+            return False
     return True
 
 
@@ -212,6 +214,13 @@ def create_schema(db_connection: DbConnection) -> None:
         postgres.lock_schema(db_connection)  # CREATE TABLE IF NOT EXISTS can still collide with a concurrent one there
     for statement in schema_statements():
         db_connection.execute(statement)
+    # A database made by an older version lacks the columns added since; they may be empty, so they can be added.
+    # (PostgreSQL's snapshot may predate another process's CREATE TABLE, hence IF NOT EXISTS there.)
+    listed, if_new = (postgres.COLUMNS, "IF NOT EXISTS ") if flavour().postgres else ("SELECT name FROM pragma_table_info(?)", "")
+    for table in db.metadata.sorted_tables:
+        existing = {name for (name,) in db_connection.execute(listed, (table.name,))}
+        for column in (column for column in table.columns if column.name not in existing):
+            db_connection.execute(f"ALTER TABLE {table.name} ADD COLUMN {if_new}{column.name} {column.type.compile(db.engine.dialect)}")
 
 
 def start_log_after(db_connection: DbConnection, sync_id: int) -> None:

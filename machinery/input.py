@@ -22,7 +22,7 @@ from marshmallow import Schema, ValidationError, fields
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from machinery.errors import ApiError
-from models import INT64
+from models import INT64, MAX_ID_LENGTH, SYNCED_MODELS, SyncedModel
 
 
 class SyncId(fields.Field):
@@ -184,3 +184,35 @@ def describe(messages: Any, path: str = "") -> list[str]:
     if isinstance(messages, list):
         return [line for message in messages for line in describe(message, path)]
     return [f"{path or 'body'}: {messages}"]
+
+
+HTTP_ERROR_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
+                    415: "unsupported_media_type"}
+
+
+def from_http_error(error) -> ApiError:
+    """Werkzeug's refusals (no such endpoint, wrong method, a body too large), as every other refusal."""
+    if error.code == 404:
+        message = f"No endpoint at {short(request.path)}. The API is POST /mutate, GET /bootstrap and GET /sync."
+    elif error.code == 413:
+        message = f"The body is over the limit of {current_app.config['MAX_CONTENT_LENGTH']} bytes."
+    else:
+        message = error.description
+    code = HTTP_ERROR_CODES.get(error.code, re.sub(r"\W+", "_", (error.name or "error").lower()))
+    headers = {k: v for k, v in error.get_headers() if k == "Allow"}
+    return ApiError(error.code or 500, code, message, headers=headers)
+
+
+def known_model(name: str) -> SyncedModel:
+    if name not in SYNCED_MODELS:
+        raise ValidationError(f"Unknown model {name!r}. Known models: {', '.join(sorted(SYNCED_MODELS))}.")
+    return SYNCED_MODELS[name]
+
+
+SYNC_GROUP = re.compile(rf"all|group:[^,]{{1,{MAX_ID_LENGTH}}}")
+
+
+def well_formed_sync_group(name: str) -> str:
+    if not SYNC_GROUP.fullmatch(name):
+        raise ValidationError(f"Malformed sync group {name!r}: expected 'all' or 'group:<groupId>'.")
+    return name

@@ -21,7 +21,8 @@ from marshmallow import Schema, fields, validate
 
 from flask import current_app, has_app_context
 
-from app import MAX_CHANGES, SYNC_GROUP, BootstrapQuerySchema, MutateSchema, SyncQuerySchema, known_model
+from app import MAX_CHANGES, BootstrapQuerySchema, MutateSchema, SyncQuerySchema
+from machinery.input import SYNC_GROUP, known_model
 from machinery.input import LIMITS, CommaList, SyncId, WaitSeconds
 from models import INT64, SYNCED_MODELS, SyncedModel, model_id
 
@@ -68,6 +69,7 @@ def response_schemas(models: tuple[SyncedModel, ...]) -> dict[str, type[Schema]]
             "last_sync_id": sync_id_field(data_key="lastSyncId", required=True),
             "sync_groups": fields.List(fields.String(), data_key="syncGroups", required=True),
             "has_more": fields.Boolean(data_key="hasMore", required=True),
+            "schema_version": fields.Integer(data_key="schemaVersion", metadata={"description": "The handshake's only: models.py's SCHEMA_VERSION."}),
         },
         name="SyncResponse",
     )
@@ -125,10 +127,15 @@ def api_operations(models: tuple[SyncedModel, ...]) -> dict[str, Any]:
         "nothing was written; retry. database_unavailable (type network): a fault that may pass (a read-only or "
         "full disk, an I/O error, a lost connection to PostgreSQL); retry.", **{"Retry-After": "Seconds to wait."}
     )
+    again = ("bootstrap_again: details.reason says why the client must drop its store and bootstrap: reset, "
+             "compacted, or schema_changed (Loco-Schema-Version is not the server's, details.schemaVersion).")
+    version = [{"in": "header", "name": "Loco-Schema-Version", "required": False, "schema": {"type": "integer", "minimum": 0},
+                "description": "The models.py version the client was built for; another one is answered bootstrap_again."}]
     return {
         "/mutate": {
             "post": {
                 "summary": "Apply changes in one transaction, all or nothing (the client's sendTransaction).",
+                "parameters": version,
                 "requestBody": {"required": True, "content": {"application/json": {"schema": MutateSchema}}},
                 "responses": {
                     200: success(MutateResponseSchema, "Committed; lastSyncId is the greatest syncId it created."),
@@ -137,7 +144,8 @@ def api_operations(models: tuple[SyncedModel, ...]) -> dict[str, Any]:
                     403: refusal("forbidden (type server): a change outside the caller's sync groups."),
                     409: refusal(
                         "already_exists, does_not_exist, unknown_reference, still_referenced, "
-                        "sync_groups_changed, transaction_id_reused or sync_group_reused."
+                        "sync_groups_changed, transaction_id_reused or sync_group_reused. " + again + " A baseSyncId "
+                        "below the log's start (its record may be pruned) or never handed out is answered so too."
                     ),
                     413: refusal("payload_too_large: the body is over 1 MiB. string_too_large, row_too_large, "
                                  "transaction_too_large: a string field, a row or the transaction's rows over "
@@ -151,12 +159,13 @@ def api_operations(models: tuple[SyncedModel, ...]) -> dict[str, Any]:
         "/bootstrap": {
             "get": {
                 "summary": "Rows of some models, and the firstSyncId they reflect, from one snapshot.",
-                "parameters": [{"in": "query", "schema": BootstrapQuerySchema}],
+                "parameters": [{"in": "query", "schema": BootstrapQuerySchema}, *version],
                 "responses": {
                     200: success(answers["bootstrap"], "A key per requested model; syncGroups are the groups served."),
                     400: refusal("invalid_request."),
                     401: unauthorized,
                     403: refusal("forbidden (type auth): a lazy bootstrap of a sync group the caller lacks."),
+                    409: refusal(again),
                     500: internal_error,
                     503: busy,
                 },
@@ -165,13 +174,14 @@ def api_operations(models: tuple[SyncedModel, ...]) -> dict[str, Any]:
         "/sync": {
             "get": {
                 "summary": "The handshake (without since), or the caller's sync actions after since.",
-                "parameters": [{"in": "query", "schema": SyncQuerySchema}],
+                "parameters": [{"in": "query", "schema": SyncQuerySchema}, *version],
                 "responses": {
                     200: success(answers["sync"], "Pass lastSyncId as the next since; hasMore says a page follows. "
                                  "A page stops early after MAX_PAGE_BYTES (x-limits), at the last action it carries."),
                     400: refusal("invalid_request."),
                     401: unauthorized,
-                    409: refusal("unknown_cursor: since is not a cursor of this database; bootstrap again."),
+                    409: refusal(again + " Reset: since is above the head, or below a log init-db wiped; compacted: "
+                                 "below the start compact-log raised."),
                     500: internal_error,
                     503: busy,
                 },

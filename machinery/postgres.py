@@ -100,6 +100,9 @@ def listen_for_commits(engine, stopped, heard) -> None:
         listener.close()
 
 
+COLUMNS = "SELECT column_name FROM information_schema.columns WHERE table_schema = current_schema() AND table_name = ?"
+
+
 def start_log_after(db_connection, sync_id: int) -> None:
     db_connection.execute("SELECT setval(pg_get_serial_sequence('sync_action', 'id'), ?)", (sync_id,))
 
@@ -135,7 +138,7 @@ visible AS (
 sized AS (
     SELECT id, sum(size) OVER (ORDER BY id) - size AS before FROM visible
 )
-SELECT log_start, head,
+SELECT log_start, (SELECT reason FROM sync_log_start), head,
     CASE WHEN EXISTS (SELECT 1 FROM sized WHERE before >= %(max_bytes)s)
         THEN (SELECT max(id) FROM sized WHERE before < %(max_bytes)s) ELSE cursor END,
     (SELECT array_to_json(array_agg(sync_group ORDER BY sync_group <> 'all', sync_group))::text FROM caller_groups),

@@ -155,8 +155,8 @@ def test_a_client_of_the_wiped_database_is_told_to_bootstrap_again(app, runner):
     ada = with_token(app, seed(runner)["Ada"])  # the new log runs from 8 to 15
 
     for stale_cursor in (0, 5, 7):  # any cursor the old database handed out
-        error = assert_error(ada.get(f"/sync?since={stale_cursor}"), 409, "unknown_cursor")
-        assert "Bootstrap again" in error["message"]
+        error = assert_error(ada.get(f"/sync?since={stale_cursor}"), 409, "bootstrap_again")
+        assert "Bootstrap again" in error["message"] and wire(error["details"]) == wire({"reason": "reset"})
     assert len(read_log(ada, since=8)) == 7
 
 

@@ -21,7 +21,7 @@ from servers import Api, Gunicorn
 README = Path(__file__).resolve().parent.parent / "README.md"
 OPERATIONS = {
     ("POST", "/mutate"): {200, 400, 401, 403, 409, 413, 415, 500, 503},
-    ("GET", "/bootstrap"): {200, 400, 401, 403, 500, 503},  # 503: every pooled connection stayed in use
+    ("GET", "/bootstrap"): {200, 400, 401, 403, 409, 500, 503},  # 409: another schema version; 503: every pooled connection stayed in use
     ("GET", "/sync"): {200, 400, 401, 409, 500, 503},
     ("GET", "/openapi.json"): {200, 500},
 }
@@ -116,7 +116,7 @@ def test_the_bearer_token_is_required_everywhere_but_here(document):
 
 def test_query_parameters_are_typed(document):
     def parameters(path):
-        found = document["paths"][path]["get"]["parameters"]
+        found = [p for p in document["paths"][path]["get"]["parameters"] if p["in"] != "header"]
         assert all(p["in"] == "query" for p in found)
         return {p["name"]: (p["required"], p["schema"]) for p in found}
 
@@ -133,6 +133,12 @@ def test_query_parameters_are_typed(document):
     assert bootstrap["type"] == (True, {"type": "string", "enum": ["eager", "lazy"]})
     assert bootstrap["models"][0] and not bootstrap["syncGroups"][0]
     assert bootstrap["models"][1]["type"] == bootstrap["syncGroups"][1]["type"] == "string"
+
+
+def test_every_endpoint_takes_the_schema_version_header(document):
+    for path, method in [("/sync", "get"), ("/bootstrap", "get"), ("/mutate", "post")]:
+        (header,) = [p for p in document["paths"][path][method]["parameters"] if p["in"] == "header"]
+        assert (header["name"], header["required"], header["schema"]) == ("Loco-Schema-Version", False, {"type": "integer", "minimum": 0})
 
 
 def test_the_limits_a_client_must_keep_are_in_the_document_as_this_server_sets_them(app, anonymous):

@@ -5,12 +5,14 @@ import threading
 import pytest
 
 import app as app_module
+from models import SCHEMA_VERSION
 from helpers import same_user, as_store, assert_error, delete, mutate, read_log, replay, todo, update, wire
 
 
-def test_the_handshake_gives_the_head_and_the_callers_sync_groups(seeded):
+def test_the_handshake_gives_the_head_the_callers_sync_groups_and_the_schema_version(seeded):
     body = seeded.get("/sync").get_json()
-    assert wire(body) == wire({"sync": [], "lastSyncId": 5, "syncGroups": ["all", "group:g1", "group:g2"], "hasMore": False})
+    assert wire(body) == wire({"sync": [], "lastSyncId": 5, "syncGroups": ["all", "group:g1", "group:g2"], "hasMore": False,
+                               "schemaVersion": SCHEMA_VERSION})
 
 
 def test_the_handshake_of_an_empty_database_is_zero(client):
@@ -86,15 +88,16 @@ def test_the_default_limit_is_1000(seeded):
 
 
 def test_a_cursor_past_the_head_is_refused_because_the_database_was_reset(seeded):
-    error = assert_error(seeded.get("/sync?since=6"), 409, "unknown_cursor")
-    assert "from 0 to 5" in error["message"] and "Bootstrap again" in error["message"]
+    error = assert_error(seeded.get("/sync?since=6"), 409, "bootstrap_again")
+    assert "ends at 5" in error["message"] and "Bootstrap again" in error["message"]
+    assert wire(error["details"]) == wire({"reason": "reset"})
 
 
 def test_the_largest_possible_cursor_is_answered_not_overflowed(seeded):
     """since + limit passes the largest 64-bit integer: the page's bound must not overflow."""
-    error = assert_error(seeded.get(f"/sync?since={2**63 - 1}&limit=5000"), 409, "unknown_cursor")
-    assert "from 0 to 5" in error["message"]
-    assert assert_error(seeded.get(f"/sync?since={2**63 - 1}&until={2**63 - 1}"), 409, "unknown_cursor")
+    error = assert_error(seeded.get(f"/sync?since={2**63 - 1}&limit=5000"), 409, "bootstrap_again")
+    assert "ends at 5" in error["message"]
+    assert assert_error(seeded.get(f"/sync?since={2**63 - 1}&until={2**63 - 1}"), 409, "bootstrap_again")
 
 
 def test_replaying_the_log_from_zero_reproduces_the_rows(seeded):
