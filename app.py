@@ -509,7 +509,7 @@ def log_start(db_connection: DbConnection) -> tuple[int, str]:
 
 def read_head(db_connection: DbConnection) -> int:
     """The greatest syncId, as this transaction's snapshot sees it; an empty log's head is
-    where it starts (0, or above the log that init-db wiped)."""
+    where it starts (0, above the log that init-db wiped, or where compact-log left it)."""
     (newest,) = db_connection.execute("SELECT max(id) FROM sync_action").fetchone()
     return newest or log_start(db_connection)[0]
 

@@ -2,6 +2,8 @@
 // what a Loco Sync client does, in little code: bootstrap, catch up on each
 // handshake, apply sync actions in order, send transactions one at a time,
 // show them optimistically until the log contains them, roll back refusals.
+// When the adapter says to start over (its onReset), the page stops this
+// store and starts a new one, on a new adapter.
 
 /** @typedef {import("./loco-network.js").NetworkAdapter} NetworkAdapter */
 /** @typedef {import("./loco-network.js").LocalChange} LocalChange */
@@ -50,11 +52,13 @@ export class LocalStore {
     this.unsubscribe = undefined;
     // Bumped on every (re)connection, so a catch-up left over from an old one stops.
     this.generation = 0;
+    this.stopped = false;
   }
 
   async start() {
     for (;;) {
       const result = await this.bootstrap(this.generation);
+      if (this.stopped) return;
       if (result.ok) break;
       if (result.error === "auth") {
         this.connection = "refused"; // a wrong token stays wrong: do not retry
@@ -91,6 +95,13 @@ export class LocalStore {
     return result;
   }
 
+  /** For good: no more requests or events (the page has started over with a new store). */
+  stop() {
+    this.stopped = true;
+    this.onEvent = () => {};
+    this.setOffline();
+  }
+
   /** @param {boolean} online */
   setOnline(online) {
     if (online === this.online) return;
@@ -124,7 +135,7 @@ export class LocalStore {
       this.connection = "reconnecting";
     } else if (message.type === "handshake") {
       if (!sameGroups(message.syncGroups, this.syncGroups)) {
-        // Our groups changed: a fresh bootstrap is the simplest correct answer.
+        // We gained a group (losing one resets the adapter instead): a fresh bootstrap is the simplest correct answer.
         while (!(await this.bootstrap(generation)).ok) if (!(await this.pause(generation))) return;
       }
       // Catch up to the handshake before any `sync` message: the adapter
@@ -135,7 +146,8 @@ export class LocalStore {
         if (delta.ok) {
           this.apply(delta.value.sync, message.lastSyncId);
         } else if (delta.error === "server") {
-          // The log no longer holds our cursor (the database was reset).
+          // A "bootstrap again" has reset the adapter, and the page starts over (the generation
+          // changed, so this stops); any other refusal: a fresh bootstrap.
           while (!(await this.bootstrap(generation)).ok) if (!(await this.pause(generation))) return;
         } else if (!(await this.pause(generation))) {
           return;
@@ -179,12 +191,13 @@ export class LocalStore {
     if (this.sending) return;
     this.sending = true;
     try {
-      while (this.online) {
+      while (this.online && !this.stopped) {
         const tx = this.pending.find((each) => each.state === "queued");
         if (!tx) break;
         tx.state = "sending";
         // The same array on every retry, so the adapter resends the same transactionId.
         const result = await this.network.sendTransaction(tx.changes);
+        if (this.stopped) return;
         if (result.ok) {
           tx.state = "sent";
           tx.lastSyncId = result.value.lastSyncId;

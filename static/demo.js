@@ -39,25 +39,58 @@ function startClient(name, token) {
   const $ = (selector) => panel.querySelector(selector);
   $(".client-name").textContent = name;
 
-  // Long polls: actions arrive as soon as they commit. The adapter calls our
-  // fetch, so every request it makes shows in the panel's request log.
-  const network = createNetworkAdapter({ token, fetch: loggedFetch });
   /** @type {{id: string, draft: string} | undefined} */
   let editing;
+  const offline = /** @type {HTMLInputElement} */ ($("input[name=offline]"));
+  let store = newStore();
 
-  const store = new LocalStore({
-    network,
-    models: MODELS,
-    onEvent(event) {
-      if (event.type === "action") logAction(event.action);
-      else if (event.type === "bootstrap") logLine(`bootstrap: ${event.rows} rows as of syncId ${event.firstSyncId}`);
-      else if (event.type === "rejected") showRejection(event.changes, event.reason);
-      else if (event.type === "refused") showRefusal(event.reason);
-      render();
-    },
-  });
+  /** A store on a new adapter. */
+  function newStore() {
+    // Long polls: actions arrive as soon as they commit. The adapter calls our
+    // fetch, so every request it makes shows in the panel's request log.
+    const network = createNetworkAdapter({ token, fetch: loggedFetch, onReset: startOver });
+    const created = new LocalStore({
+      network,
+      models: MODELS,
+      onEvent(event) {
+        if (event.type === "action") logAction(event.action);
+        else if (event.type === "bootstrap") logLine(`bootstrap: ${event.rows} rows as of syncId ${event.firstSyncId}`);
+        else if (event.type === "rejected") showRejection(event.changes, event.reason);
+        else if (event.type === "refused") showRefusal(event.reason);
+        render();
+      },
+    });
+    created.setOnline(!offline.checked);
+    return created;
+  }
 
-  $("input[name=offline]").addEventListener("change", (event) => store.setOnline(!event.target.checked));
+  /**
+   * The server said this client must start over: drop the store, rows, cursor
+   * and unsent changes alike, and bootstrap a new one, as an app drops its
+   * IndexedDB database and starts a new Loco Sync client.
+   * @param {import("./loco-network.js").ResetInfo} info
+   */
+  function startOver(info) {
+    const dropped = store.pending.length;
+    store.stop();
+    editing = undefined;
+    const why = {
+      reset: "the server's database was reset",
+      compacted: "the log was compacted past this client's cursor",
+      schema_changed: "the server's schema changed",
+      sync_group_removed: `removed from ${info.syncGroups?.join(", ")}`,
+    }[info.reason] ?? info.reason;
+    const lost = dropped ? ` ${dropped} unconfirmed ${dropped === 1 ? "change was" : "changes were"} dropped.` : "";
+    const notice = $(".reset-notice");
+    notice.textContent = `Started over: ${why}. Its store was emptied and bootstrapped again.${lost}`;
+    notice.hidden = false;
+    logLine(`starting over: ${why}`);
+    store = newStore();
+    render();
+    store.start();
+  }
+
+  offline.addEventListener("change", () => store.setOnline(!offline.checked));
 
   $("form.add").addEventListener("submit", (event) => {
     event.preventDefault();
@@ -87,12 +120,12 @@ function startClient(name, token) {
     const unsentLabel = store.online ? `${unsent} unconfirmed` : `${unsent} queued`;
     $(".status").textContent = `${state} · cursor ${store.cursor} · ${unsentLabel}`;
     $(".status").dataset.connection = store.connection;
-    $("form.add").hidden = store.connection === "refused";
     $(".groups").textContent = `Sync groups: ${store.syncGroups.join(", ") || "none yet"}`;
     $(".cursor").textContent = `Cursor (lastSyncId applied): ${store.cursor}`;
     panel.dataset.cursor = String(store.cursor);
 
     const groups = store.view("Group").map(({ row }) => row).sort((a, b) => a.id.localeCompare(b.id));
+    $("form.add").hidden = store.connection === "refused" || groups.length === 0; // nowhere to add a todo
     const select = $("select[name=group]");
     const chosen = select.value;
     select.replaceChildren(...groups.map((group) => new Option(group.name, group.id, false, group.id === chosen)));

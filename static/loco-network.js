@@ -4,6 +4,11 @@
 // Every method resolves to Loco Sync's Result shape and never throws or
 // rejects: the Loco Sync client silently drops a transaction whose
 // sendTransaction throws.
+//
+// It retries bootstraps, which the Loco Sync client never does, and when the
+// server says to start over (a reset database, a compacted log, another schema)
+// or the user loses a sync group, which the client cannot undo in place, it
+// stops and calls onReset: the app then drops its store and starts a new client.
 
 /** @typedef {"server" | "auth" | "network"} NetworkErrorType */
 
@@ -45,6 +50,16 @@
 /** @typedef {(message: SyncMessage) => void | Promise<void>} SyncListener */
 
 /**
+ * Why the app must start over, as onReset gets it: the server's "bootstrap again"
+ * details ("reset": the database was reset; "compacted": the log no longer reaches
+ * this client's cursor; "schema_changed": the server's schema version differs), or
+ * "sync_group_removed" with the groups the user lost.
+ * @typedef {{reason: "reset" | "compacted"}
+ *   | {reason: "schema_changed", schemaVersion: number}
+ *   | {reason: "sync_group_removed", syncGroups: string[]}} ResetInfo
+ */
+
+/**
  * @typedef {object} NetworkAdapter
  * @property {(args: readonly LocalChange[] | any) => Promise<Result<{lastSyncId: number}>>} sendTransaction
  * @property {(args: BootstrapArgs) => Promise<Result<BootstrapValue>>} bootstrap
@@ -62,7 +77,20 @@
  * @property {number} [waitSeconds] How long a long poll may be held (default 25, at most 30).
  * @property {number} [pageLimit] `limit` per /sync page; the server's default when unset.
  * @property {number} [deltaSyncRetries] How often deltaSync retries a network or auth failure,
- *   with backoff from pollMs, before it answers with the failure (default 5).
+ *   with backoff, before it answers with the failure (default 5).
+ * @property {number} [bootstrapRetries] How often bootstrap retries a network failure, with
+ *   backoff, before it answers with it (default Infinity: until it works, or the adapter resets).
+ * @property {number} [maxBackoffMs] The longest pause between retries; they start at pollMs
+ *   and double, each a random 50 to 100% of that (default 10000).
+ * @property {(info: ResetInfo) => void | Promise<void>} [onReset] Called once when this client
+ *   must start over: drop the local store and start a new client (with a new adapter). The adapter
+ *   has stopped by then: its methods answer an `adapter_reset` failure without a request.
+ *   Without onReset it stops all the same, and says so with console.error.
+ * @property {number} [schemaVersion] The schema version the app was built for, sent as the
+ *   Loco-Schema-Version header; a server of another version answers "bootstrap again".
+ * @property {string[]} [syncGroups] The sync groups the local store already holds (its
+ *   metadata's syncGroups), so that a group lost while the app was closed is noticed at the
+ *   first handshake. Groups the adapter is given later are tracked by the adapter itself.
  * @property {number} [timeoutMs] Give up on a request after this long (default 30000).
  * @property {(args: any) => readonly LocalChange[]} [toChanges] For a Loco Sync config with custom
  *   mutations (`mutationDefs`): turns the mutation args the client sends into this server's changes.
@@ -71,7 +99,6 @@
  */
 
 const ERROR_TYPES = ["server", "auth", "network"];
-const MAX_BACKOFF_MS = 10_000;
 
 /**
  * @param {NetworkOptions} options
@@ -85,17 +112,71 @@ export function createNetworkAdapter({
   waitSeconds = 25,
   pageLimit,
   deltaSyncRetries = 5,
+  bootstrapRetries = Infinity,
+  maxBackoffMs = 10_000,
   timeoutMs = 30_000,
+  onReset,
+  schemaVersion,
+  syncGroups: storedSyncGroups = [],
   toChanges = (args) => args,
   fetch: fetchImpl = (...args) => globalThis.fetch(...args),
 } = /** @type {NetworkOptions} */ ({})) {
-  // The transactionId of each transaction, keyed by the very args object the
-  // client passes: the Loco Sync client retries a transaction with the same
-  // object, so a retry of a request whose answer was lost is recognised by the server.
-  /** @type {WeakMap<object, string>} */
-  const transactionIds = new WeakMap();
+  // The transactionId and baseSyncId of each transaction, keyed by the very args
+  // object the client passes: the Loco Sync client retries a transaction with the
+  // same object, so a retry of a request whose answer was lost is recognised by the server.
+  /** @type {WeakMap<object, {transactionId: string, baseSyncId: number | undefined}>} */
+  const transactions = new WeakMap();
   let serverHoldsPolls = longPoll;
   const holdSeconds = Math.min(30, Math.max(0.001, Math.round(waitSeconds * 1000) / 1000)); // as the server parses it
+  /** The greatest syncId seen from this server: a new transaction's baseSyncId. @type {number | undefined} */
+  let seenSyncId;
+  // Every group the client was given: the Loco Sync client cannot drop a lost
+  // group's rows ("Removing sync groups isn't supported yet"), so losing one resets.
+  const knownGroups = new Set(storedSyncGroups);
+  /** Set once, when the server says to start over. @type {ResetInfo | undefined} */
+  let resetInfo;
+  const closed = new AbortController(); // aborts every request and pause when the adapter resets
+
+  /** @param {number} syncId */
+  function see(syncId) {
+    if (seenSyncId === undefined || syncId > seenSyncId) seenSyncId = syncId;
+  }
+
+  /** Stop everything and tell the app, once. @param {ResetInfo} info */
+  function reset(info) {
+    if (resetInfo) return;
+    resetInfo = info;
+    closed.abort();
+    if (typeof onReset !== "function") {
+      console.error(`Loco Sync must start over (${info.reason}), and this adapter has stopped; pass onReset to createNetworkAdapter to start a new client.`);
+      return;
+    }
+    try {
+      Promise.resolve(onReset(info)).catch((error) => console.error("Loco Sync onReset failed", error));
+    } catch (error) {
+      console.error("Loco Sync onReset failed", error);
+    }
+  }
+
+  function resetFailure() {
+    const info = /** @type {ResetInfo} */ (resetInfo);
+    const message = `This adapter has stopped: the client must start over (${info.reason}) with a new store and adapter.`;
+    return failure("server", 0, "adapter_reset", message, info);
+  }
+
+  /** False, after a reset, if `groups` lacks one the client was given. @param {string[]} groups */
+  function keepsGroups(groups) {
+    const lost = [...knownGroups].filter((group) => !groups.includes(group));
+    if (lost.length > 0) {
+      reset({ reason: "sync_group_removed", syncGroups: lost });
+      return false;
+    }
+    for (const group of groups) knownGroups.add(group);
+    return true;
+  }
+
+  /** The pause before retry `n` (from 0): doubling from pollMs, capped, jittered so clients spread out. @param {number} n */
+  const backoff = (n) => Math.min(maxBackoffMs, pollMs * 2 ** n) * (0.5 + Math.random() / 2);
 
   /**
    * One request, its outcome as a Result. Never throws.
@@ -104,25 +185,31 @@ export function createNetworkAdapter({
    * @returns {Promise<Result<any>>}
    */
   async function call(path, { method = "GET", body, signal, extraMs = 0, valid }) {
+    if (resetInfo) return resetFailure();
     const headers = { Authorization: `Bearer ${token}` };
     if (body !== undefined) headers["Content-Type"] = "application/json";
-    const deadline = withTimeout(signal, timeoutMs + extraMs);
+    if (schemaVersion !== undefined) headers["Loco-Schema-Version"] = String(schemaVersion);
+    const deadline = withTimeout([signal, closed.signal], timeoutMs + extraMs);
     let response;
     try {
       response = await fetchImpl(baseUrl + path, {
         method,
         headers,
+        // Past the HTTP cache: Chromium holds a GET back while another of the same URL
+        // is in flight, to share its answer, so two users' polls from one cursor took turns.
+        cache: "no-store",
         body: body === undefined ? undefined : JSON.stringify(body),
         signal: deadline.signal,
       });
     } catch (error) {
       deadline.clear();
-      return failure("network", 0, "unreachable", describe(error));
+      return resetInfo ? resetFailure() : failure("network", 0, "unreachable", describe(error));
     }
     let payload;
     try {
       payload = await response.json();
     } catch (error) {
+      if (resetInfo) return resetFailure(); // cut off by the reset
       // A body cut off mid-way is a network failure even after a 200: for a
       // mutation the retry carries the same transactionId, so it is safe.
       if (response.ok) return failure("network", response.status, "unreadable_response", describe(error));
@@ -136,7 +223,12 @@ export function createNetworkAdapter({
     }
     const error = payload && typeof payload === "object" ? payload.error : undefined;
     const type = ERROR_TYPES.includes(error?.type) ? error.type : typeForStatus(response.status);
-    return failure(type, response.status, error?.code ?? `http_${response.status}`, error?.message ?? response.statusText, error?.details);
+    const refusal = failure(type, response.status, error?.code ?? `http_${response.status}`, error?.message ?? response.statusText, error?.details);
+    if (response.status === 409 && error?.code === "bootstrap_again") {
+      // The database was reset, the log compacted past this client, or the schema changed.
+      reset(isObject(error.details) && typeof error.details.reason === "string" ? { ...error.details } : { reason: "reset" });
+    }
+    return refusal;
   }
 
   /** @param {number} since @param {{until?: number, wait?: number, signal?: AbortSignal}} [opts] */
@@ -154,24 +246,46 @@ export function createNetworkAdapter({
     if (!Array.isArray(changes) || changes.length === 0) {
       return failure("server", 0, "invalid_changes", "sendTransaction needs a non-empty array of changes (see the toChanges option)");
     }
-    let transactionId = transactionIds.get(args);
-    if (transactionId === undefined) {
-      transactionId = newTransactionId();
-      if (typeof args === "object" && args !== null) transactionIds.set(args, transactionId);
+    // Not retried here: the Loco Sync client retries a network or auth failure itself,
+    // one transaction at a time and in order, with the same args.
+    let sent = transactions.get(args);
+    if (sent === undefined) {
+      // The base is kept for retries: the server refuses one whose base its log no
+      // longer holds, since the record that the first attempt committed may be pruned.
+      sent = { transactionId: newTransactionId(), baseSyncId: seenSyncId };
+      if (typeof args === "object" && args !== null) transactions.set(args, sent);
     }
-    const body = { transactionId, changes: changes.map(toWireChange) };
+    const { transactionId, baseSyncId } = sent;
+    const wire = changes.map(toWireChange);
+    const body = baseSyncId === undefined ? { transactionId, changes: wire } : { transactionId, baseSyncId, changes: wire };
     const result = await call("/mutate", { method: "POST", body, valid: (p) => isSyncId(p?.lastSyncId) });
-    return result.ok ? { ok: true, value: { lastSyncId: result.value.lastSyncId } } : result;
+    if (!result.ok) return result;
+    see(result.value.lastSyncId);
+    return { ok: true, value: { lastSyncId: result.value.lastSyncId } };
   }
 
   /** @type {NetworkAdapter["bootstrap"]} */
   async function bootstrap(args) {
     const query = new URLSearchParams({ type: args.type, models: args.models.join(",") });
     if (args.type === "lazy") query.set("syncGroups", args.syncGroups.join(","));
-    const result = await call(`/bootstrap?${query}`, { valid: isBootstrap });
-    if (!result.ok) return result;
-    const { bootstrap, firstSyncId, syncGroups } = result.value;
-    return { ok: true, value: { bootstrap, firstSyncId, syncGroups } };
+    // Retried here: the Loco Sync client never retries a bootstrap. A failed eager one
+    // leaves it "failed", and a failed lazy one loses that group's rows for good.
+    for (let retries = 0; ; retries++) {
+      const result = await call(`/bootstrap?${query}`, { valid: isBootstrap });
+      if (result.ok) {
+        const { bootstrap, firstSyncId, syncGroups } = result.value;
+        see(firstSyncId);
+        for (const group of syncGroups) knownGroups.add(group);
+        return { ok: true, value: { bootstrap, firstSyncId, syncGroups } };
+      }
+      if (args.type === "lazy" && result.error === "auth" && result.reason.status === 403) {
+        // Refused a group the client was given: the user has lost it since.
+        reset({ reason: "sync_group_removed", syncGroups: [...args.syncGroups] });
+        return result;
+      }
+      if (result.error !== "network" || retries >= bootstrapRetries || resetInfo) return result;
+      await sleep(backoff(retries), closed.signal);
+    }
   }
 
   /** @type {NetworkAdapter["deltaSync"]} */
@@ -187,11 +301,12 @@ export function createNetworkAdapter({
       const page = await readPage(since, { until: toSyncId });
       if (!page.ok) {
         // Retried here, not by the caller: the Loco Sync client retries a failed
-        // catch-up without waiting for it, and meanwhile drops `sync` messages.
-        if (page.error === "server" || retries >= deltaSyncRetries) return page;
-        await sleep(pollMs * 2 ** retries++ * (0.75 + Math.random() / 2));
+        // catch-up at once, without waiting for it, and meanwhile drops `sync` messages.
+        if (page.error === "server" || retries >= deltaSyncRetries || resetInfo) return page;
+        await sleep(backoff(retries++), closed.signal);
         continue;
       }
+      see(page.value.lastSyncId);
       sync.push(...page.value.sync);
       if (!page.value.hasMore) break;
       if (!(page.value.lastSyncId > since)) return failure("server", 200, "stalled_cursor", "the server's cursor did not move");
@@ -203,7 +318,9 @@ export function createNetworkAdapter({
   /** @type {NetworkAdapter["initSync"]} */
   function initSync(listener) {
     const stop = new AbortController();
-    const stopped = () => stop.signal.aborted;
+    const stopped = () => stop.signal.aborted || resetInfo !== undefined;
+    const abort = () => stop.abort();
+    closed.signal.addEventListener("abort", abort, { once: true }); // a reset ends a held poll and a pause
 
     // One message at a time, in order: the Loco Sync client drops a `sync`
     // that arrives while it is still storing an earlier delta sync.
@@ -218,7 +335,7 @@ export function createNetworkAdapter({
     }
 
     async function run() {
-      let backoffMs = pollMs;
+      let failures = 0;
       let connected = false;
       while (!stopped()) {
         // Handshakes are rare on purpose: at start, after an outage and when
@@ -228,6 +345,8 @@ export function createNetworkAdapter({
         if (stopped()) return;
         if (handshake.ok) {
           let { lastSyncId: cursor, syncGroups } = handshake.value;
+          see(cursor);
+          if (!keepsGroups(syncGroups)) return;
           connected = true;
           await deliver({ type: "handshake", lastSyncId: cursor, syncGroups });
           while (!stopped()) {
@@ -240,11 +359,13 @@ export function createNetworkAdapter({
                 serverHoldsPolls = false; // this server cannot hold polls
                 continue;
               }
-              break;
+              break; // an outage (a "bootstrap again" has reset the adapter: stopped)
             }
-            backoffMs = pollMs; // reset only by a poll that worked, so an outage of polls backs off
+            failures = 0; // reset only by a poll that worked, so an outage of polls backs off
             const { sync, lastSyncId, hasMore } = page.value;
+            see(lastSyncId);
             if (!sameGroups(page.value.syncGroups, syncGroups)) {
+              if (!keepsGroups(page.value.syncGroups)) return;
               syncGroups = page.value.syncGroups;
               await deliver({ type: "handshake", lastSyncId: cursor, syncGroups });
             }
@@ -261,13 +382,15 @@ export function createNetworkAdapter({
           connected = false;
           await deliver({ type: "disconnected" });
         }
-        await sleep(backoffMs * (0.75 + Math.random() / 2), stop.signal);
-        backoffMs = Math.min(backoffMs * 2, MAX_BACKOFF_MS);
+        await sleep(backoff(failures++), stop.signal);
       }
     }
 
     run().catch((error) => console.error("Loco Sync polling stopped", error));
-    return () => stop.abort();
+    return () => {
+      stop.abort();
+      closed.signal.removeEventListener("abort", abort);
+    };
   }
 
   return {
@@ -318,18 +441,24 @@ function newTransactionId() {
   return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
-/** An AbortSignal that fires on `signal` or after `ms`, and a way to drop the timer. */
-function withTimeout(signal, ms) {
+/**
+ * An AbortSignal that fires on any of `signals` or after `ms`, and a way to drop the timer.
+ * @param {(AbortSignal | undefined)[]} signals @param {number} ms
+ */
+function withTimeout(signals, ms) {
   const controller = new AbortController();
   const abort = () => controller.abort();
   const timer = setTimeout(abort, ms);
-  if (signal?.aborted) abort();
-  signal?.addEventListener("abort", abort, { once: true });
+  const given = signals.filter((signal) => signal !== undefined);
+  for (const signal of given) {
+    if (signal.aborted) abort();
+    signal.addEventListener("abort", abort, { once: true });
+  }
   return {
     signal: controller.signal,
     clear() {
       clearTimeout(timer);
-      signal?.removeEventListener("abort", abort);
+      for (const signal of given) signal.removeEventListener("abort", abort);
     },
   };
 }

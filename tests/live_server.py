@@ -7,6 +7,10 @@ its own in TEST_DATABASE_URL, dropped at the end. Prints one JSON line,
 {"baseUrl": ..., "tokens": {"Ada": ..., "Grace": ...}}, then serves on a
 free port of 127.0.0.1 until its standard input closes, so it never outlives
 the test process that started it.
+
+Meanwhile each line it reads is a flask command to run on that database, as a
+JSON array of its arguments (["remove-member", "2", "g1"], ["compact-log",
+"--before", "9"]); it answers each with one JSON line, {"exitCode": ..., "output": ...}.
 """
 
 import json
@@ -39,7 +43,10 @@ def main() -> None:
         server = make_server("127.0.0.1", 0, app, threaded=True)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         print(json.dumps({"baseUrl": f"http://127.0.0.1:{server.port}", "tokens": tokens}), flush=True)
-        sys.stdin.read()
+        for line in sys.stdin:  # until stdin closes
+            if line.strip():
+                result = app.test_cli_runner().invoke(args=json.loads(line))
+                print(json.dumps({"exitCode": result.exit_code, "output": result.output}), flush=True)
         app.extensions["held_polls"].close()  # answer held long polls at once
         server.shutdown()
         with app.app_context():

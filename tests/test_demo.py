@@ -297,3 +297,106 @@ def test_the_demo_asks_for_two_tokens_and_says_plainly_when_one_is_refused(app, 
     expect(form).to_be_visible()
     assert page.page_errors == []
     assert page.console_lines == ["error: Failed to load resource: the server responded with a status of 401 (UNAUTHORIZED)"]
+
+
+def flask(app, *args: str) -> str:
+    """Runs `flask --app app ARGS...` on the demo's database, as an operator would while it runs."""
+    result = app.test_cli_runner().invoke(args=list(args))
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def bootstraps(panel) -> list[str]:
+    return [path for _, path, _, _ in requests_of(panel) if path.startswith("/bootstrap")]
+
+
+def test_a_client_removed_from_a_group_starts_over_and_the_other_is_unaffected(app, demo):
+    from playwright.sync_api import expect
+
+    page, ada, grace = demo.page, demo.ada, demo.grace
+    for panel in (ada, grace):
+        expect(panel.get_by_role("status")).to_contain_text("Live")
+    kitchen = ["Buy coffee", "Descale the kettle"]
+    expect(grace.locator("li.todo .text")).to_have_text(kitchen)
+    expect(grace.locator(".reset-notice")).to_be_hidden()
+
+    # The Loco Sync client cannot drop a lost group's rows: the adapter says to start over.
+    flask(app, "remove-member", demo.tokens["Grace"].split(".")[0], "g1")
+    expect(grace.locator(".reset-notice")).to_have_text("Started over: removed from group:g1. Its store was emptied and bootstrapped again.")
+    expect(grace.locator(".reset-notice")).to_be_visible()
+    expect(grace.locator("ol.actions li.note").first).to_have_text(re.compile(r"^bootstrap: 2 rows as of syncId 7$"))
+    expect(grace.locator("ol.actions li.note", has_text="starting over")).to_have_text(["starting over: removed from group:g1"])
+    expect(grace.get_by_role("status")).to_contain_text("Live")
+    expect(grace.locator(".groups")).to_have_text("Sync groups: all")
+    expect(grace.locator("li.todo")).to_have_count(0)
+    expect(grace.locator(".group")).to_have_count(0)  # not even the Kitchen's heading
+    expect(grace.locator("form.add")).to_be_hidden()  # no group to add a todo to
+    assert len(bootstraps(grace)) == 2
+
+    # Ada's panel carries on: no notice, no new bootstrap, and her writes to the Kitchen never reach Grace.
+    expect(ada.locator(".reset-notice")).to_be_hidden()
+    expect(ada.locator(".groups")).to_have_text("Sync groups: all, group:g1, group:g2")
+    expect(ada.get_by_role("status")).to_contain_text("Live")
+    demo.add(ada, "Bake bread")
+    expect(demo.todo(ada, "Bake bread")).to_be_visible()
+    expect(ada.locator(".group", has_text="Kitchen").locator("li.todo .text")).to_have_text([*kitchen, "Bake bread"])
+    head = log_of(app, demo.tokens)[-1]["syncId"]
+    expect(ada.locator(".cursor")).to_have_text(f"Cursor (lastSyncId applied): {head}")
+    page.wait_for_timeout(1000)  # had Grace's poll been answered with it, it would show by now
+    expect(grace.locator("li.todo")).to_have_count(0)
+    expect(grace.locator(".cursor")).to_have_text("Cursor (lastSyncId applied): 7")
+    assert bootstraps(ada) == ["/bootstrap?type=eager&models=Group%2CAuthor%2CTodo"]
+
+    screenshot(page, "demo-reset.png")
+    assert page.page_errors == [] and page.console_lines == []
+
+
+def test_a_client_behind_a_compacted_log_starts_over_and_says_what_it_dropped(app, demo):
+    from playwright.sync_api import expect
+
+    page, ada, grace = demo.page, demo.ada, demo.grace
+    for panel in (ada, grace):
+        expect(panel.get_by_role("status")).to_contain_text("Live")
+    # Grace goes offline, at syncId 7, with a change queued; the log moves on and is compacted past her cursor.
+    grace.get_by_label("Offline", exact=True).check()
+    expect(grace.get_by_role("status")).to_contain_text("Offline")
+    demo.add(grace, "Written offline")
+    demo.add(ada, "Bake bread")
+    demo.add(ada, "Wash up")
+    head = 9  # the seed's 7, and Ada's two
+    expect(ada.locator(".cursor")).to_have_text(f"Cursor (lastSyncId applied): {head}")
+    expect(ada.get_by_role("status")).to_contain_text("· 0 unconfirmed")
+    assert log_of(app, demo.tokens)[-1]["syncId"] == head
+    expect(grace.locator(".cursor")).to_have_text("Cursor (lastSyncId applied): 7")
+    assert "it now starts after syncId 8." in flask(app, "compact-log", "--before", str(head))
+
+    # Ada's cursor is at the head, which the log still holds: nothing changes for her.
+    page.wait_for_timeout(500)
+    expect(ada.get_by_role("status")).to_contain_text("Live")
+    expect(ada.locator(".reset-notice")).to_be_hidden()
+
+    grace.get_by_label("Offline", exact=True).uncheck()
+    expect(grace.locator(".reset-notice")).to_have_text(
+        "Started over: the log was compacted past this client's cursor. Its store was emptied and bootstrapped again. "
+        "1 unconfirmed change was dropped."
+    )
+    expect(grace.get_by_role("status")).to_contain_text("Live")
+    expect(grace.get_by_role("status")).to_contain_text("· 0 unconfirmed")
+    expect(grace.locator(".cursor")).to_have_text(f"Cursor (lastSyncId applied): {head}")
+    expect(grace.locator("li.todo .text")).to_have_text(["Buy coffee", "Descale the kettle", "Bake bread", "Wash up"])
+    refused = [line for line in requests_of(grace) if line[2] == "409"]
+    assert refused and all(re.fullmatch(r"(/sync\?since=7&until=9|/mutate)", path) for _, path, _, _ in refused), refused
+    assert bootstraps(grace) == ["/bootstrap?type=eager&models=Group%2CAuthor%2CTodo"] * 2
+
+    expect(ada.locator(".reset-notice")).to_be_hidden()
+    expect(ada.locator("li.todo .text")).to_have_text(["Buy coffee", "Descale the kettle", "Bake bread", "Wash up", "Water the tomatoes"])
+    assert bootstraps(ada) == ["/bootstrap?type=eager&models=Group%2CAuthor%2CTodo"]
+    with app.test_client() as client:  # the dropped change never reached the server
+        client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {demo.tokens['Ada']}"
+        stored = client.get("/bootstrap?type=eager&models=Todo").get_json()
+    assert stored["firstSyncId"] == head
+    assert sorted(row["text"] for row in stored["bootstrap"]["Todo"]) == ["Bake bread", "Buy coffee", "Descale the kettle", "Wash up", "Water the tomatoes"]
+
+    screenshot(page, "demo-compacted.png")
+    assert page.page_errors == []
+    assert set(page.console_lines) == {"error: Failed to load resource: the server responded with a status of 409 (CONFLICT)"}

@@ -35,7 +35,7 @@ const SEEDED = {
   ],
 };
 
-/** @type {{baseUrl: string, tokens: Record<string, string>, stop: () => Promise<void>}} */
+/** @type {{baseUrl: string, tokens: Record<string, string>, flask: (...args: string[]) => Promise<string>, stop: () => Promise<void>}} */
 let server;
 before(async () => {
   server = await startServer();
@@ -56,26 +56,59 @@ async function importAdapter() {
   }
 }
 
-/** Spawns tests/live_server.py; it serves until its stdin closes. */
+/** Spawns tests/live_server.py; it serves until its stdin closes, and runs the flask commands it is sent. */
 async function startServer() {
   const script = fileURLToPath(new URL("../live_server.py", import.meta.url));
   const child = spawn(process.env.PYTHON ?? "python3", [script], { stdio: ["pipe", "pipe", "inherit"] });
   child.stdin.on("error", () => {}); // an EPIPE if it died first; its exit code says more
   const exited = new Promise((resolve) => child.once("exit", resolve));
-  const line = await new Promise((resolve, reject) => {
-    let buffer = "";
-    child.stdout.setEncoding("utf8");
-    child.stdout.on("data", (chunk) => {
-      buffer += chunk;
-      if (buffer.includes("\n")) resolve(buffer.slice(0, buffer.indexOf("\n")));
-    });
-    child.once("error", reject); // e.g. no such interpreter
-    child.once("exit", (code) => reject(new Error(`tests/live_server.py exited (${code}) before printing its address`)));
+  // Its stdout, a line at a time: first its address, then one answer per command.
+  /** @type {string[]} */
+  const lines = [];
+  /** @type {{resolve: (line: string) => void, reject: (error: Error) => void}[]} */
+  const readers = [];
+  /** @type {Error | undefined} */
+  let gone;
+  const fail = (error) => {
+    gone = error;
+    for (const reader of readers.splice(0)) reader.reject(error);
+  };
+  child.once("error", fail); // e.g. no such interpreter
+  child.once("exit", (code) => fail(new Error(`tests/live_server.py exited (${code})`)));
+  let buffer = "";
+  child.stdout.setEncoding("utf8");
+  child.stdout.on("data", (chunk) => {
+    buffer += chunk;
+    for (let end = buffer.indexOf("\n"); end >= 0; end = buffer.indexOf("\n")) {
+      const line = buffer.slice(0, end);
+      buffer = buffer.slice(end + 1);
+      if (readers.length > 0) readers.shift().resolve(line);
+      else lines.push(line);
+    }
   });
-  const { baseUrl, tokens } = JSON.parse(line);
+  /** @returns {Promise<string>} */
+  const nextLine = () =>
+    new Promise((resolve, reject) => {
+      if (lines.length > 0) resolve(lines.shift());
+      else if (gone) reject(gone);
+      else readers.push({ resolve, reject });
+    });
+  const { baseUrl, tokens } = JSON.parse(await nextLine()); // an exit first: it died before printing its address
+  let commands = Promise.resolve();
   return {
     baseUrl,
     tokens,
+    /** Runs `flask --app app ARGS...` on the server's database; its output. @param {string[]} args */
+    flask(...args) {
+      const run = commands.then(async () => {
+        child.stdin.write(`${JSON.stringify(args)}\n`);
+        const { exitCode, output } = JSON.parse(await nextLine());
+        assert.equal(exitCode, 0, `flask ${args.join(" ")} failed: ${output}`);
+        return output;
+      });
+      commands = run.catch(() => {});
+      return run;
+    },
     async stop() {
       child.stdin.end();
       await exited;
@@ -132,9 +165,17 @@ async function logSince(user, since) {
   return body.sync;
 }
 
-// deltaSync's own retries are off unless a test is about them: failures then come back at once.
+// deltaSync's and bootstrap's own retries are off unless a test is about them: failures then come back at once.
 function adapterFor(user, options = {}) {
-  return createNetworkAdapter({ baseUrl: server.baseUrl, token: server.tokens[user], pollMs: POLL_MS, longPoll: false, deltaSyncRetries: 0, ...options });
+  return createNetworkAdapter({
+    baseUrl: server.baseUrl,
+    token: server.tokens[user],
+    pollMs: POLL_MS,
+    longPoll: false,
+    deltaSyncRetries: 0,
+    bootstrapRetries: 0,
+    ...options,
+  });
 }
 
 /** Polls `condition` every 20 ms; fails with `what` if it stays false for `timeoutMs`. */
@@ -150,14 +191,17 @@ async function waitFor(what, condition, timeoutMs = 5000) {
 
 /** A fetch that records every request (and its status) and otherwise really fetches. */
 function recordingFetch(inner = (url, init) => fetch(url, init)) {
-  /** @type {{url: URL, method: string, body: any, signal: AbortSignal | undefined, status?: number}[]} */
+  /** @type {{url: URL, method: string, headers: Record<string, string>, text: string | undefined, body: any, signal: AbortSignal | undefined, at: number, status?: number}[]} */
   const requests = [];
   const wrapped = async (url, init = {}) => {
     const request = {
       url: new URL(url),
       method: init.method ?? "GET",
+      headers: { ...init.headers },
+      text: init.body, // the wire, as sent
       body: init.body === undefined ? undefined : JSON.parse(init.body),
       signal: init.signal,
+      at: performance.now(),
     };
     requests.push(request);
     const response = await inner(url, init);
@@ -247,6 +291,8 @@ test("a retried transaction (same array) carries the same transactionId and is a
   const lost = await adapter.sendTransaction(changes);
   assertFailure(lost, "network", { status: 0 });
   assert.equal(await headOf(), head + 2, "the first attempt was committed; only its answer was lost");
+  // The Loco Sync client retries it, in order: the adapter does not.
+  assert.equal(recording.requests.length, 1);
 
   const retried = await adapter.sendTransaction(changes);
   assert.deepEqual(retried, { ok: true, value: { lastSyncId: head + 2 } });
@@ -303,13 +349,20 @@ test("an unknown token is an auth error for every method", async () => {
   assert.equal(await headOf(), head);
 });
 
-test("a lazy bootstrap of a sync group the caller lacks is an auth error", async () => {
-  const result = await adapterFor("Grace").bootstrap({ type: "lazy", models: ["Todo"], syncGroups: ["group:g1", "group:g2"] });
+test("a lazy bootstrap of a sync group the caller lacks is an auth error, and resets the adapter: the user lost that group", async () => {
+  // The Loco Sync client lazily bootstraps only groups the server gave it: a refusal means the user has lost one since.
+  const resets = [];
+  const recording = recordingFetch();
+  const adapter = adapterFor("Grace", { fetch: recording, onReset: (info) => resets.push(JSON.stringify(info)) });
+  const result = await adapter.bootstrap({ type: "lazy", models: ["Todo"], syncGroups: ["group:g2"] });
   assertFailure(result, "auth", { status: 403, code: "forbidden" });
+  assert.deepEqual(resets, ['{"reason":"sync_group_removed","syncGroups":["group:g2"]}']);
+  assertFailure(await adapter.bootstrap({ type: "lazy", models: ["Todo"], syncGroups: ["group:g1"] }), "server", { code: "adapter_reset" });
+  assert.equal(recording.requests.length, 1);
 });
 
 test("an unreachable server is a network error with status 0", async () => {
-  const adapter = createNetworkAdapter({ baseUrl: `http://127.0.0.1:${await closedPort()}`, token: server.tokens.Ada, deltaSyncRetries: 0 });
+  const adapter = createNetworkAdapter({ baseUrl: `http://127.0.0.1:${await closedPort()}`, token: server.tokens.Ada, deltaSyncRetries: 0, bootstrapRetries: 0 });
   assertFailure(await adapter.sendTransaction([todo(freshId("void"), "g1")]), "network", { status: 0 });
   assertFailure(await adapter.bootstrap({ type: "eager", models: ["Todo"] }), "network", { status: 0 });
   assertFailure(await adapter.deltaSync(0, 1), "network", { status: 0 });
@@ -410,6 +463,7 @@ test("no method ever rejects, even when fetch throws synchronously or the argume
     baseUrl: server.baseUrl,
     token: server.tokens.Ada,
     deltaSyncRetries: 0,
+    bootstrapRetries: 0,
     fetch: () => {
       throw new TypeError("synchronous failure");
     },
@@ -525,8 +579,8 @@ test("deltaSync retries network and auth failures with backoff, so a catch-up su
   const down = recordingFetch(() => Promise.reject(new TypeError("fetch failed")));
   assertFailure(await adapterFor("Ada", { fetch: down, deltaSyncRetries: 2 }).deltaSync(head, head + 1), "network");
   assert.equal(down.requests.length, 3);
-  const refused = recordingFetch(() => Promise.resolve(jsonResponse(409, { error: { type: "server", code: "unknown_cursor", message: "x", details: null } })));
-  assertFailure(await adapterFor("Ada", { fetch: refused, deltaSyncRetries: 2 }).deltaSync(head, head + 1), "server", { code: "unknown_cursor" });
+  const refused = recordingFetch(() => Promise.resolve(jsonResponse(400, { error: { type: "server", code: "invalid_request", message: "x", details: null } })));
+  assertFailure(await adapterFor("Ada", { fetch: refused, deltaSyncRetries: 2 }).deltaSync(head, head + 1), "server", { code: "invalid_request" });
   assert.equal(refused.requests.length, 1);
 });
 
@@ -745,11 +799,12 @@ test("polls that keep failing back off, even when each handshake works", async (
 });
 
 test("an empty long poll answered at once is followed by a pause, and waitSeconds is sent as the server reads it", async (t) => {
+  const { syncGroups } = await handshakeOf("Grace");
   const recording = recordingFetch(async (url, init) => {
     const page = new URL(url);
     if (!page.searchParams.has("wait")) return fetch(url, init);
     const since = Number(page.searchParams.get("since"));
-    return jsonResponse(200, { sync: [], lastSyncId: since, syncGroups: ["all", "group:g1"], hasMore: false });
+    return jsonResponse(200, { sync: [], lastSyncId: since, syncGroups, hasMore: false });
   });
   listen(t, adapterFor("Grace", { longPoll: true, waitSeconds: 0.1 + 0.2, pollMs: 100, fetch: recording }), () => {});
   await delay(600);
@@ -820,4 +875,497 @@ test("unsubscribing aborts the poll in flight and sends nothing more, not even d
   await delay(10 * POLL_MS);
   assert.equal(recording.requests.length, requests, "a request after unsubscribe");
   assert.deepEqual(grace.messages.slice(messages), [], "a message after unsubscribe");
+});
+
+// --- retries ----------------------------------------------------------------------
+
+const busy = () =>
+  jsonResponse(503, { error: { type: "network", code: "database_busy", message: "The database is busy.", details: null } }, { "Retry-After": "1" });
+
+/** A fetch that answers each of `failures` in turn (an Error is thrown), then really fetches. */
+function failingFirst(failures) {
+  return recordingFetch((url, init) => {
+    const next = failures.shift();
+    if (next instanceof Error) return Promise.reject(next);
+    return next ? Promise.resolve(next()) : fetch(url, init);
+  });
+}
+
+test("bootstrap retries network failures with backoff, eager and lazy, until one gets through, but not auth or server failures", async () => {
+  // The Loco Sync client never retries a bootstrap: a failed eager one leaves it
+  // "failed", a failed lazy one loses that group's rows for good.
+  const transient = () => [
+    new TypeError("fetch failed"),
+    busy,
+    () => new Response("<html>Bad Gateway</html>", { status: 502 }),
+    () => new Response('{"bootstrap": ', { status: 200, headers: { "Content-Type": "application/json" } }),
+  ];
+  const pollMs = 20;
+  const expected = JSON.stringify(SEEDED.Todo.slice(0, 2));
+  for (const args of [{ type: "eager", models: ["Todo"] }, { type: "lazy", models: ["Todo"], syncGroups: ["group:g1"] }]) {
+    const recording = failingFirst(transient());
+    const result = await adapterFor("Grace", { fetch: recording, pollMs, bootstrapRetries: Infinity }).bootstrap(args);
+    assert.equal(result.ok, true, JSON.stringify(result));
+    assert.equal(JSON.stringify(result.value.bootstrap.Todo.filter((row) => row.id === "t1" || row.id === "t2")), expected);
+    assert.deepEqual(recording.requests.map((r) => r.status), [undefined, 503, 502, 200, 200]);
+    // Each pause at least half of pollMs * 2^n.
+    const gaps = recording.requests.slice(1).map((r, n) => r.at - recording.requests[n].at);
+    gaps.forEach((gap, n) => assert.ok(gap >= (pollMs * 2 ** n) / 2 - 2, `pauses ${JSON.stringify(gaps)} ms`));
+  }
+
+  const unauthorized = () => jsonResponse(401, { error: { type: "auth", code: "unauthorized", message: "Unknown token.", details: null } });
+  const invalid = () => jsonResponse(400, { error: { type: "server", code: "invalid_request", message: "x", details: null } });
+  for (const answer of [unauthorized, invalid]) {
+    const recording = failingFirst([answer, answer]);
+    const result = await adapterFor("Grace", { fetch: recording, bootstrapRetries: Infinity }).bootstrap({ type: "eager", models: ["Todo"] });
+    assert.equal(result.ok, false);
+    assert.equal(recording.requests.length, 1, `${result.reason.code} was retried`);
+  }
+});
+
+test("retries back off to at most maxBackoffMs, and give up after bootstrapRetries or deltaSyncRetries", async () => {
+  const head = await headOf();
+  const options = { pollMs: 100, maxBackoffMs: 150, bootstrapRetries: 5, deltaSyncRetries: 5 };
+  const down = recordingFetch(() => Promise.reject(new TypeError("fetch failed")));
+  const adapter = adapterFor("Ada", { ...options, fetch: down });
+  assertFailure(await adapter.bootstrap({ type: "eager", models: ["Todo"] }), "network", { status: 0 });
+  assert.equal(down.requests.length, 6);
+  assertFailure(await adapter.deltaSync(head - 1, head), "network", { status: 0 });
+  assert.equal(down.requests.length, 12);
+  for (const requests of [down.requests.slice(0, 6), down.requests.slice(6)]) {
+    const gaps = requests.slice(1).map((r, n) => r.at - requests[n].at);
+    // 100, 200, 400, ... capped at 150, each 50 to 100% of that; a timer may fire late.
+    assert.ok(gaps.every((gap) => gap >= 48 && gap <= 150 + 40), `pauses ${JSON.stringify(gaps)} ms`);
+    assert.ok(gaps.slice(1).every((gap) => gap >= 73), `pauses ${JSON.stringify(gaps)} ms`);
+  }
+});
+
+/**
+ * A TCP proxy to the live server that closes the connection (as a server closes
+ * an idle keep-alive connection) when a request's first bytes match `pattern`, `times` times.
+ */
+async function cuttingProxy(t, pattern, times = 1) {
+  const target = new URL(server.baseUrl);
+  const sockets = new Set();
+  const proxy = net.createServer((client) => {
+    const upstream = net.connect(Number(target.port), target.hostname);
+    sockets.add(client).add(upstream);
+    client.on("error", () => {});
+    upstream.on("error", () => {});
+    client.on("close", () => upstream.destroy());
+    upstream.on("close", () => client.destroy());
+    upstream.pipe(client);
+    client.on("data", (chunk) => {
+      if (proxy.cuts < times && pattern.test(chunk.toString("latin1"))) {
+        proxy.cuts++;
+        client.destroy();
+      } else {
+        upstream.write(chunk);
+      }
+    });
+  });
+  proxy.cuts = 0;
+  await new Promise((resolve) => proxy.listen(0, "127.0.0.1", resolve));
+  t.after(() => {
+    proxy.close();
+    for (const socket of sockets) socket.destroy(); // kept alive by fetch's pool
+  });
+  return { proxy, baseUrl: `http://127.0.0.1:${proxy.address().port}` };
+}
+
+test("a lazy bootstrap whose connection closes under it is retried, so the group's rows arrive", async (t) => {
+  const { proxy, baseUrl } = await cuttingProxy(t, /^GET \/bootstrap\?type=lazy/, 2);
+  const recording = recordingFetch();
+  const adapter = adapterFor("Grace", { baseUrl, fetch: recording, bootstrapRetries: Infinity });
+  // One request over the connection first, so the lazy bootstrap may reuse it.
+  assert.equal((await adapter.bootstrap({ type: "eager", models: ["Author"] })).ok, true);
+
+  const result = await adapter.bootstrap({ type: "lazy", models: ["Group", "Todo"], syncGroups: ["group:g1"] });
+  assert.equal(result.ok, true, JSON.stringify(result));
+  assert.equal(proxy.cuts, 2);
+  assert.equal(JSON.stringify(result.value.bootstrap.Group), JSON.stringify([SEEDED.Group[0]]));
+  assert.equal(JSON.stringify(result.value.bootstrap.Todo.filter((row) => row.id === "t1" || row.id === "t2")), JSON.stringify(SEEDED.Todo.slice(0, 2)));
+  assert.equal(JSON.stringify(result.value.syncGroups), '["group:g1"]');
+  assert.deepEqual(recording.requests.map((r) => r.url.searchParams.get("type")), ["eager", "lazy", "lazy", "lazy"]);
+});
+
+// --- starting over ------------------------------------------------------------------
+
+/** A new user in `groupIds`, whose token the helpers know by `name`; its id. */
+async function newUser(name, ...groupIds) {
+  const output = await server.flask("create-user", name, ...groupIds.flatMap((id) => ["--group", id]));
+  const [, id, token] = output.match(/^User (\d+) \(.*\) token: (\S+)$/m);
+  server.tokens[name] = token;
+  return id;
+}
+
+/** Resets an adapter reports, as JSON text. */
+function resets() {
+  /** @type {string[]} */
+  const seen = [];
+  const onReset = (info) => {
+    seen.push(JSON.stringify(info));
+  };
+  return { seen, onReset };
+}
+
+/** Asserts every method now answers adapter_reset with `info`, without a request, and initSync does nothing. */
+async function assertStopped(t, adapter, recording, info) {
+  const requests = recording.requests.length;
+  const calls = [
+    adapter.sendTransaction([todo(freshId("after-reset"), "g1")]),
+    adapter.bootstrap({ type: "eager", models: ["Todo"] }),
+    adapter.deltaSync(0, 1),
+  ];
+  for (const result of await Promise.all(calls)) {
+    assertFailure(result, "server", { status: 0, code: "adapter_reset" });
+    assert.equal(JSON.stringify(result.reason.details), info);
+  }
+  const messages = [];
+  listen(t, adapter, (message) => messages.push(message));
+  await delay(5 * POLL_MS);
+  assert.deepEqual(messages, []);
+  assert.equal(recording.requests.length, requests, "a request after the reset");
+}
+
+test("a transaction carries baseSyncId, the greatest syncId the adapter had seen when it first sent it, and keeps it for its retries", async (t) => {
+  let loseNextAnswer = false;
+  const recording = recordingFetch(async (url, init) => {
+    const response = await fetch(url, init);
+    if (init.method === "POST" && loseNextAnswer) {
+      loseNextAnswer = false;
+      await response.arrayBuffer();
+      throw new TypeError("fetch failed (the test dropped the answer)");
+    }
+    return response;
+  });
+  const adapter = adapterFor("Ada", { fetch: recording });
+  const posts = () => recording.requests.filter((r) => r.method === "POST");
+  const wire = (request, baseSyncId, changes) =>
+    JSON.stringify(baseSyncId === undefined ? { transactionId: request.body.transactionId, changes } : { transactionId: request.body.transactionId, baseSyncId, changes });
+
+  // None seen yet: no baseSyncId.
+  const first = [todo(freshId("base"), "g1")];
+  const { value: { lastSyncId: committed } } = await adapter.sendTransaction(first);
+  assert.equal(posts()[0].text, wire(posts()[0], undefined, first));
+
+  // Its answer's lastSyncId; then a bootstrap's firstSyncId.
+  const second = [todo(freshId("base"), "g1")];
+  assert.equal((await adapter.sendTransaction(second)).ok, true);
+  assert.equal(posts()[1].text, wire(posts()[1], committed, second));
+  await mutate("Ada", todo(freshId("base"), "g2"));
+  const { value: { firstSyncId: bootstrapped } } = await adapter.bootstrap({ type: "eager", models: ["Author"] });
+  loseNextAnswer = true;
+  const lost = [todo(freshId("base"), "g1")];
+  assertFailure(await adapter.sendTransaction(lost), "network");
+  assert.equal(posts()[2].text, wire(posts()[2], bootstrapped, lost));
+
+  // A deltaSync page's lastSyncId; the retry keeps its first base.
+  const written = await mutate("Ada", todo(freshId("base"), "g1"));
+  assert.equal((await adapter.deltaSync(written - 1, written)).ok, true);
+  assert.deepEqual(await adapter.sendTransaction(lost), { ok: true, value: { lastSyncId: bootstrapped + 1 } });
+  assert.equal(posts()[3].text, posts()[2].text);
+  const next = [todo(freshId("base"), "g1")];
+  assert.equal((await adapter.sendTransaction(next)).ok, true);
+  assert.equal(posts()[4].text, wire(posts()[4], written, next));
+
+  // A handshake's, and a poll's, lastSyncId.
+  const listening = recordingFetch();
+  const other = adapterFor("Ada", { fetch: listening });
+  const messages = [];
+  listen(t, other, (message) => messages.push(message));
+  await waitFor("the handshake", () => messages.length > 0);
+  const third = [todo(freshId("base"), "g1")];
+  await other.sendTransaction(third);
+  const sentByOther = () => listening.requests.filter((r) => r.method === "POST");
+  assert.equal(sentByOther()[0].text, wire(sentByOther()[0], messages[0].lastSyncId, third));
+  const polled = await mutate("Ada", todo(freshId("base"), "g1")); // not through this adapter
+  await waitFor("the poll that brings it", () => messages.some((m) => m.type === "sync" && m.lastSyncId === polled));
+  const fourth = [todo(freshId("base"), "g1")];
+  await other.sendTransaction(fourth);
+  assert.equal(sentByOther()[1].text, wire(sentByOther()[1], polled, fourth));
+});
+
+/** A fetch whose polls (/sync?since=) wait, while `held` is true, until release() is called. */
+function holdingFetch() {
+  let open;
+  let gate = Promise.resolve();
+  const recording = recordingFetch(async (url, init) => {
+    if (new URL(url).searchParams.has("since")) await gate;
+    return fetch(url, init);
+  });
+  recording.hold = () => {
+    gate = new Promise((resolve) => (open = resolve));
+  };
+  recording.release = () => open();
+  return recording;
+}
+
+test("a poll answered bootstrap_again (the log was compacted past its cursor) calls onReset once, and the adapter stops", async (t) => {
+  const recording = holdingFetch();
+  const { seen, onReset } = resets();
+  const adapter = adapterFor("Grace", { fetch: recording, onReset });
+  const grace = recorder();
+  listen(t, adapter, grace.listener);
+  await waitFor("Grace's handshake", () => grace.messages.length > 0);
+
+  // Her next poll waits while the log moves on and is compacted past her cursor.
+  recording.hold();
+  const polls = recording.polls().length;
+  await waitFor("a poll on hold", () => recording.polls().length > polls);
+  const cursor = Number(recording.polls().at(-1).url.searchParams.get("since"));
+  await mutate("Ada", todo(freshId("compacted"), "g1"));
+  const head = await mutate("Ada", todo(freshId("compacted"), "g1"));
+  await server.flask("compact-log", "--before", String(head));
+  assert.ok(cursor < head - 1);
+  recording.release();
+
+  await waitFor("onReset", () => seen.length > 0);
+  assert.deepEqual(seen, ['{"reason":"compacted"}']);
+  const refused = recording.polls().at(-1);
+  assert.equal(refused.status, 409);
+  assert.equal(refused.url.searchParams.get("since"), String(cursor));
+  await delay(5 * POLL_MS);
+  assert.deepEqual(grace.messages.map((m) => m.type), ["handshake"], "nothing after the reset, not even disconnected");
+  await assertStopped(t, adapter, recording, '{"reason":"compacted"}');
+  assert.equal(seen.length, 1);
+});
+
+test("deltaSync answered bootstrap_again (a cursor this database never gave) calls onReset once, however many requests are refused", async () => {
+  const head = await headOf("Grace");
+  const recording = recordingFetch();
+  const { seen, onReset } = resets();
+  const adapter = adapterFor("Grace", { fetch: recording, onReset });
+
+  const [one, two] = await Promise.all([adapter.deltaSync(head + 5, head + 6), adapter.deltaSync(head + 7, head + 8)]);
+  for (const result of [one, two]) {
+    assert.equal(result.ok, false);
+    if (result.reason.code === "adapter_reset") continue; // the second, if it was still in flight
+    assertFailure(result, "server", { status: 409, code: "bootstrap_again" });
+    assert.equal(JSON.stringify(result.reason.details), '{"reason":"reset"}');
+  }
+  assert.deepEqual(seen, ['{"reason":"reset"}']);
+  assertFailure(await adapter.deltaSync(head - 1, head), "server", { code: "adapter_reset" });
+  assert.deepEqual(seen, ['{"reason":"reset"}']);
+
+  // Answers read before the reset could abort them: each is a "bootstrap again", onReset is still called once.
+  const again = (reason) => jsonResponse(409, { error: { type: "server", code: "bootstrap_again", message: "x", details: { reason } } });
+  const answers = [again("compacted"), again("reset"), again("compacted")];
+  const twice = resets();
+  const mocked = adapterFor("Grace", { fetch: async () => answers.shift(), onReset: twice.onReset });
+  const results = await Promise.all([mocked.deltaSync(1, 2), mocked.bootstrap({ type: "eager", models: ["Todo"] }), mocked.sendTransaction([todo(freshId("x"), "g1")])]);
+  for (const result of results) assertFailure(result, "server", { status: 409, code: "bootstrap_again" });
+  assert.deepEqual(twice.seen, ['{"reason":"compacted"}']);
+});
+
+test("sendTransaction answered bootstrap_again (a retry whose base the log no longer holds) calls onReset, aborts the held poll, and is a server failure", async (t) => {
+  let loseNextAnswer = true;
+  let hold = false;
+  /** @type {AbortSignal[]} */
+  const held = [];
+  const recording = recordingFetch(async (url, init) => {
+    if (hold && new URL(url).searchParams.has("since")) {
+      // A poll the server holds: it ends only when its signal aborts.
+      held.push(init.signal);
+      return new Promise((_, reject) => init.signal.addEventListener("abort", () => reject(init.signal.reason), { once: true }));
+    }
+    const response = await fetch(url, init);
+    if (init.method === "POST" && loseNextAnswer) {
+      loseNextAnswer = false;
+      await response.arrayBuffer();
+      throw new TypeError("fetch failed (the test dropped the answer)");
+    }
+    return response;
+  });
+  const { seen, onReset } = resets();
+  const adapter = adapterFor("Ada", { fetch: recording, onReset });
+  const ada = recorder();
+  listen(t, adapter, ada.listener);
+  await waitFor("Ada's handshake", () => ada.messages.length > 0);
+  hold = true;
+  await waitFor("a held poll", () => held.length > 0);
+
+  const base = ada.messages[0].lastSyncId;
+  const changes = [todo(freshId("pruned"), "g1")];
+  assertFailure(await adapter.sendTransaction(changes), "network");
+  const committed = await headOf();
+  assert.equal(committed, base + 1, "the first attempt was committed; only its answer was lost");
+  // The log moves on and is compacted past the transaction's base: its record goes with it.
+  await mutate("Ada", todo(freshId("pruned"), "g2"));
+  const head = await mutate("Ada", todo(freshId("pruned"), "g2"));
+  await server.flask("compact-log", "--before", String(head));
+
+  const retried = await adapter.sendTransaction(changes);
+  assertFailure(retried, "server", { status: 409, code: "bootstrap_again" });
+  assert.equal(JSON.stringify(retried.reason.details), '{"reason":"compacted"}');
+  assert.deepEqual(seen, ['{"reason":"compacted"}']);
+  const [first, second] = recording.requests.filter((r) => r.method === "POST");
+  assert.equal(second.text, first.text);
+  assert.equal(first.text, JSON.stringify({ transactionId: first.body.transactionId, baseSyncId: base, changes }));
+  assert.equal(await headOf(), head, "the retry wrote nothing");
+
+  assert.deepEqual(held.map((signal) => signal.aborted), [true], "the held poll was not aborted");
+  await delay(5 * POLL_MS);
+  assert.deepEqual(ada.messages.map((m) => m.type), ["handshake"], "nothing after the reset, not even disconnected");
+  await assertStopped(t, adapter, recording, '{"reason":"compacted"}');
+});
+
+test("schemaVersion is sent as Loco-Schema-Version on every request; another version resets with schema_changed", async (t) => {
+  const { schemaVersion } = await handshakeOf("Ada");
+  assert.equal(Number.isInteger(schemaVersion), true, `the handshake has no schemaVersion: ${schemaVersion}`);
+
+  const recording = recordingFetch();
+  const adapter = adapterFor("Ada", { fetch: recording, schemaVersion });
+  const head = await headOf("Ada");
+  assert.equal((await adapter.bootstrap({ type: "eager", models: ["Todo"] })).ok, true);
+  assert.equal((await adapter.deltaSync(head - 1, head)).ok, true);
+  assert.equal((await adapter.sendTransaction([todo(freshId("schema"), "g1")])).ok, true);
+  listen(t, adapter, () => {});
+  await waitFor("a poll", () => recording.polls().some((r) => r.status === 200 && !r.url.searchParams.has("until")));
+  assert.ok(recording.requests.length >= 5);
+  for (const request of recording.requests) assert.equal(request.headers["Loco-Schema-Version"], String(schemaVersion), request.url.href);
+  const plain = recordingFetch();
+  await adapterFor("Ada", { fetch: plain }).bootstrap({ type: "eager", models: ["Author"] });
+  assert.equal("Loco-Schema-Version" in plain.requests[0].headers, false);
+
+  const newer = recordingFetch();
+  const { seen, onReset } = resets();
+  const outdated = adapterFor("Ada", { fetch: newer, schemaVersion: schemaVersion + 1, onReset });
+  const messages = [];
+  listen(t, outdated, (message) => messages.push(message));
+  await waitFor("onReset", () => seen.length > 0);
+  assert.deepEqual(seen, [JSON.stringify({ reason: "schema_changed", schemaVersion })]);
+  assert.deepEqual(newer.requests.map((r) => [r.url.pathname + r.url.search, r.status]), [["/sync", 409]]);
+  await delay(5 * POLL_MS);
+  assert.deepEqual(messages, [], "a handshake of a server of another schema");
+  await assertStopped(t, outdated, newer, JSON.stringify({ reason: "schema_changed", schemaVersion }));
+});
+
+test("a poll whose syncGroups lose a group calls onReset with the groups lost, and delivers nothing more", async (t) => {
+  // The Loco Sync client cannot drop a lost group's rows ("Removing sync groups isn't supported yet").
+  const name = freshId("Linus");
+  const id = await newUser(name, "g2");
+  const recording = recordingFetch();
+  const { seen, onReset } = resets();
+  const adapter = adapterFor(name, { fetch: recording, onReset, longPoll: true, waitSeconds: 5 });
+  const linus = recorder();
+  listen(t, adapter, linus.listener);
+  await waitFor("Linus's handshake", () => linus.messages.length > 0);
+  assert.equal(JSON.stringify(linus.messages[0].syncGroups), '["all","group:g2"]');
+  const held = await waitFor("a held poll", () => recording.polls().find((r) => r.status === undefined));
+
+  await server.flask("remove-member", id, "g2");
+  await waitFor("onReset", () => seen.length > 0);
+  assert.deepEqual(seen, ['{"reason":"sync_group_removed","syncGroups":["group:g2"]}']);
+  assert.equal(held.status, 200, "the held poll answered the change");
+  await delay(5 * POLL_MS);
+  assert.deepEqual(linus.messages.map((m) => m.type), ["handshake"]);
+  await assertStopped(t, adapter, recording, '{"reason":"sync_group_removed","syncGroups":["group:g2"]}');
+});
+
+test("a handshake that lacks a group the client holds resets: one an eager bootstrap gave, or one the syncGroups option names", async (t) => {
+  const name = freshId("Mary");
+  const id = await newUser(name, "g1");
+  const bootstrapped = resets();
+  const first = adapterFor(name, { onReset: bootstrapped.onReset });
+  assert.equal(JSON.stringify((await first.bootstrap({ type: "eager", models: ["Author"] })).value.syncGroups), '["all","group:g1"]');
+  const stored = resets();
+  const reloaded = adapterFor(name, { onReset: stored.onReset, syncGroups: ["all", "group:g1"] });
+  await server.flask("remove-member", id, "g1");
+
+  const messages = [];
+  listen(t, first, (message) => messages.push(message));
+  listen(t, reloaded, (message) => messages.push(message));
+  await waitFor("two resets", () => bootstrapped.seen.length > 0 && stored.seen.length > 0);
+  assert.deepEqual(bootstrapped.seen, ['{"reason":"sync_group_removed","syncGroups":["group:g1"]}']);
+  assert.deepEqual(stored.seen, ['{"reason":"sync_group_removed","syncGroups":["group:g1"]}']);
+  await delay(5 * POLL_MS);
+  assert.deepEqual(messages, []);
+
+  // A new client has lost nothing: its first handshake is where it starts.
+  const fresh = resets();
+  const newcomer = recorder();
+  listen(t, adapterFor(name, { onReset: fresh.onReset }), newcomer.listener);
+  await waitFor("the handshake", () => newcomer.messages.length > 0);
+  assert.equal(JSON.stringify(newcomer.messages[0].syncGroups), '["all"]');
+  assert.deepEqual(fresh.seen, []);
+});
+
+test("without onReset the adapter stops all the same, and says so with console.error", async (t) => {
+  const logged = t.mock.method(console, "error", () => {});
+  const head = await headOf();
+  const recording = recordingFetch();
+  const adapter = adapterFor("Ada", { fetch: recording });
+  assertFailure(await adapter.deltaSync(head + 1, head + 2), "server", { status: 409, code: "bootstrap_again" });
+  assert.equal(logged.mock.callCount(), 1);
+  assert.match(String(logged.mock.calls[0].arguments[0]), /start over \(reset\).*onReset/);
+  await assertStopped(t, adapter, recording, '{"reason":"reset"}');
+  assert.equal(logged.mock.callCount(), 1);
+});
+
+test("an onReset that throws or rejects is logged, and the adapter is stopped all the same", async (t) => {
+  const logged = t.mock.method(console, "error", () => {});
+  const head = await headOf();
+  for (const onReset of [() => { throw new Error("the test's onReset failed"); }, async () => { throw new Error("the test's onReset failed"); }]) {
+    const recording = recordingFetch();
+    const adapter = adapterFor("Ada", { fetch: recording, onReset });
+    assertFailure(await adapter.deltaSync(head + 1, head + 2), "server", { code: "bootstrap_again" });
+    await delay(0);
+    await assertStopped(t, adapter, recording, '{"reason":"reset"}');
+  }
+  assert.equal(logged.mock.callCount(), 2);
+  assert.match(String(logged.mock.calls[0].arguments[0]), /onReset/);
+});
+
+test("the README's onReset lines stop the client, drop its store and start a new one when the user loses a group", async (t) => {
+  const readme = await readFile(new URL("../../README.md", import.meta.url), "utf8");
+  const [, lines] = readme.match(/```js\n([\s\S]*?)```/);
+  // What the lines use besides the adapter, recorded: a client that follows initSync, and a store that is deleted.
+  const clients = [];
+  class LocoSyncClient {
+    constructor({ network, storage }) {
+      Object.assign(this, { network, storage, messages: [], stopped: false });
+      clients.push(this);
+    }
+    start() {
+      this.unsubscribe = this.network.initSync((message) => void this.messages.push(message));
+    }
+    stop() {
+      this.stopped = true;
+      this.unsubscribe();
+    }
+  }
+  const deleted = [];
+  const indexedDB = {
+    deleteDatabase(name) {
+      const request = {};
+      deleted.push(name);
+      setTimeout(() => request.onsuccess?.(), 0);
+      return request;
+    },
+  };
+  const createLocoSyncIdbAdapter = (name, config, { onBlocking }) => ({ name, config, onBlocking });
+  const name = freshId("Ruth");
+  const id = await newUser(name, "g2");
+  const start = new Function(
+    "createNetworkAdapter", "createLocoSyncIdbAdapter", "LocoSyncClient", "indexedDB", "namespace", "config", "baseUrl", "token",
+    `${lines}\nreturn start;`,
+  )(
+    // Polls held 1 s, not 25: a removal that commits before a poll's page is read shows in the answer after the wait.
+    (options) => createNetworkAdapter({ ...options, waitSeconds: 1, pollMs: POLL_MS }),
+    createLocoSyncIdbAdapter, LocoSyncClient, indexedDB, `todos-${name}`, {}, server.baseUrl, server.tokens[name],
+  );
+  t.after(() => clients.forEach((client) => client.stopped || client.stop()));
+
+  start();
+  await waitFor("the first client's handshake", () => clients[0]?.messages.length > 0);
+  assert.equal(JSON.stringify(clients[0].messages[0].syncGroups), '["all","group:g2"]');
+  await server.flask("remove-member", id, "g2");
+
+  await waitFor("a second client's handshake", () => clients[1]?.messages.length > 0, 10_000);
+  assert.equal(clients.length, 2);
+  assert.ok(clients[0].stopped && !clients[1].stopped);
+  assert.deepEqual(deleted, [`todos-${name}`]);
+  assert.equal(JSON.stringify(clients[1].messages[0].syncGroups), '["all"]');
+  assert.equal(typeof clients[1].storage.onBlocking, "function");
 });
