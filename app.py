@@ -415,8 +415,11 @@ SYNC_ACTIONS = {"create": "insert", "update": "update", "delete": "delete"}  # a
 
 
 def has_history(db_connection: DbConnection, sync_groups: list[str]) -> bool:
-    linked = f"SELECT 1 FROM sync_action_group WHERE sync_group IN ({', '.join('?' * len(sync_groups))}) LIMIT 1"
-    return db_connection.execute(linked, sync_groups).fetchone() is not None
+    """Whether actions were ever linked to one of them: links, or, once compact-log removed those, sync_group_history."""
+    listed = ", ".join("?" * len(sync_groups))
+    linked = f"""SELECT 1 FROM sync_action_group WHERE sync_group IN ({listed})
+        UNION ALL SELECT 1 FROM sync_group_history WHERE sync_group IN ({listed}) LIMIT 1"""
+    return db_connection.execute(linked, [*sync_groups, *sync_groups]).fetchone() is not None
 
 
 def check_references(db_connection: DbConnection, model: SyncedModel, row: dict, reject, user_id: int, changed: dict) -> None:

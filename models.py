@@ -373,6 +373,14 @@ class SyncLogStart(db.Model):
     reason: Mapped[str | None] = mapped_column(String(16))  # reset | compacted; None (older databases) is reset
 
 
+class SyncGroupHistory(db.Model):
+    """The sync groups whose actions compact-log removed: their links were what kept a deleted
+    Group's id from being used again (app.py's has_history), and its members from its new rows."""
+
+    __tablename__ = "sync_group_history"
+    sync_group: Mapped[str] = mapped_column(String(SYNC_GROUP_LENGTH), primary_key=True)
+
+
 class ClientTransaction(db.Model):
     """A committed client transaction, so that a retry is answered, not re-applied."""
 

@@ -214,7 +214,7 @@ def create_schema(db_connection: DbConnection) -> None:
         postgres.lock_schema(db_connection)  # CREATE TABLE IF NOT EXISTS can still collide with a concurrent one there
     for statement in schema_statements():
         db_connection.execute(statement)
-    # A database made by an older version lacks the columns added since; they may be empty, so they can be added.
+    # A database made by an older version lacks the columns added since; they are nullable (their old rows have none).
     # (PostgreSQL's snapshot may predate another process's CREATE TABLE, hence IF NOT EXISTS there.)
     listed, if_new = (postgres.COLUMNS, "IF NOT EXISTS ") if flavour().postgres else ("SELECT name FROM pragma_table_info(?)", "")
     for table in db.metadata.sorted_tables:

@@ -19,7 +19,7 @@ from typing import Any
 
 from flask import current_app, request
 from marshmallow import Schema, ValidationError, fields
-from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from machinery.errors import ApiError
 from models import INT64, MAX_ID_LENGTH, SYNCED_MODELS, SyncedModel
@@ -190,7 +190,7 @@ HTTP_ERROR_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_a
                     415: "unsupported_media_type"}
 
 
-def from_http_error(error) -> ApiError:
+def from_http_error(error: HTTPException) -> ApiError:
     """Werkzeug's refusals (no such endpoint, wrong method, a body too large), as every other refusal."""
     if error.code == 404:
         message = f"No endpoint at {short(request.path)}. The API is POST /mutate, GET /bootstrap and GET /sync."

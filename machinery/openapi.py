@@ -22,8 +22,7 @@ from marshmallow import Schema, fields, validate
 from flask import current_app, has_app_context
 
 from app import MAX_CHANGES, BootstrapQuerySchema, MutateSchema, SyncQuerySchema
-from machinery.input import SYNC_GROUP, known_model
-from machinery.input import LIMITS, CommaList, SyncId, WaitSeconds
+from machinery.input import LIMITS, SYNC_GROUP, CommaList, SyncId, WaitSeconds, known_model
 from models import INT64, SYNCED_MODELS, SyncedModel, model_id
 
 
@@ -129,7 +128,7 @@ def api_operations(models: tuple[SyncedModel, ...]) -> dict[str, Any]:
     )
     again = ("bootstrap_again: details.reason says why the client must drop its store and bootstrap: reset, "
              "compacted, or schema_changed (Loco-Schema-Version is not the server's, details.schemaVersion).")
-    version = [{"in": "header", "name": "Loco-Schema-Version", "required": False, "schema": {"type": "integer", "minimum": 0},
+    version = [{"in": "header", "name": "Loco-Schema-Version", "required": False, "schema": {"type": "integer", "minimum": 0, "maximum": 999_999_999},
                 "description": "The models.py version the client was built for; another one is answered bootstrap_again."}]
     return {
         "/mutate": {

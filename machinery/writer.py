@@ -63,14 +63,15 @@ class Writer:
         self.committing = False  # some thread is committing a transaction of this process
         self.queued: list[Write] = []
 
-    def run(self, work: Callable[[DbConnection], T], changes: int = 1) -> T:
+    def run(self, work: Callable[[DbConnection], T], changes: int = 1, begin: str | None = None) -> T:
+        """`begin`, on PostgreSQL: another isolation, for a write of its own (compaction's READ COMMITTED)."""
         write = Write(work)
-        if self.postgres and changes > ALONE_OVER:
+        if self.postgres and (changes > ALONE_OVER or begin):
             # A transaction of its own, beside the shared one: the small writes of this process neither wait for it
             # (a 1,000-change one took 0.9 s) nor share its retries. One at a time across every app server, so that
             # large writes cannot crowd the small ones out.
             with postgres.large_write_turn(connection()):
-                self.commit([write], connection())
+                self.commit([write], connection(), begin)
             return write.outcome()
         with self.changed:
             self.queued.append(write)
@@ -94,11 +95,11 @@ class Writer:
                 self.changed.notify_all()
         return write.outcome()
 
-    def commit(self, batch: list[Write], db_connection: DbConnection) -> None:
+    def commit(self, batch: list[Write], db_connection: DbConnection, begin: str | None = None) -> None:
         for attempt in range(self.retries + 1):
             try:
                 with self.lock:
-                    db_connection.execute(flavour().begin_write)  # on SQLite the write lock is taken now, not at the first write
+                    db_connection.execute(begin or flavour().begin_write)  # on SQLite the write lock is taken now, not at the first write
                     try:
                         for write in batch:
                             write.apply(db_connection)

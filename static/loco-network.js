@@ -271,7 +271,8 @@ export function createNetworkAdapter({
     // Retried here: the Loco Sync client never retries a bootstrap. A failed eager one
     // leaves it "failed", and a failed lazy one loses that group's rows for good.
     for (let retries = 0; ; retries++) {
-      const result = await call(`/bootstrap?${query}`, { valid: isBootstrap });
+      // As long as the server streams one (its BOOTSTRAP_MAX_S, 60 s): a cut-off one is retried, and would be again.
+      const result = await call(`/bootstrap?${query}`, { valid: isBootstrap, extraMs: 30_000 });
       if (result.ok) {
         const { bootstrap, firstSyncId, syncGroups } = result.value;
         see(firstSyncId);

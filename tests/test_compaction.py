@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import text
 
 from app import create_app
-from helpers import as_store, assert_error, group, mutate, query, read_log, reader, replay, shut_down, sign_in, snapshot, todo, update, wire
+from helpers import as_store, assert_error, create, delete, group, mutate, query, read_log, reader, replay, shut_down, sign_in, snapshot, todo, update, wire
 from machinery.compaction import compact_log
 from test_long_poll import finished, poll_in_background
 
@@ -148,19 +148,24 @@ def test_polls_that_follow_the_log_while_it_is_compacted_and_written_miss_nothin
         for k in range(60):
             mutate(client, update("Todo", "t1", text=f"writer {n}, {k}"))
 
+    def read(finished):  # as a client polls, from the floor up, while the log is compacted below it
+        nonlocal cursor
+        while True:
+            page = reader.get(f"/sync?since={cursor}&limit=7").get_json()
+            received.extend(page["sync"])
+            cursor = page["lastSyncId"]
+            if not page["hasMore"] and finished():
+                return
+
     threads = [threading.Thread(target=write, args=(client, n)) for n, client in enumerate(writers)]
     for thread in threads:
         thread.start()
+    polling = threading.Thread(target=read, args=(lambda: not any(thread.is_alive() for thread in threads),))
+    polling.start()
     with app.app_context():
         compact_log(start, batch=5)
-    for thread in threads:
+    for thread in [*threads, polling]:
         thread.join()
-    while True:
-        page = reader.get(f"/sync?since={cursor}&limit=7").get_json()
-        received += page["sync"]
-        cursor = page["lastSyncId"]
-        if not page["hasMore"]:
-            break
 
     assert query(app, "SELECT min(id) FROM sync_action") == [(start + 1,)]
     assert [a["syncId"] for a in received] == [sync_id for (sync_id,) in query(app, "SELECT id FROM sync_action ORDER BY id")]
@@ -170,8 +175,9 @@ def test_polls_that_follow_the_log_while_it_is_compacted_and_written_miss_nothin
 def test_keep_days_removes_the_actions_older_than_that(app, seeded, runner):
     like(seeded, 3)  # 6 to 8
     day, now = 86400, int(time.time())
-    query_write(app, "UPDATE sync_action SET created_at = :at WHERE id <= 4", at=now - 10 * day)
-    query_write(app, "UPDATE sync_action SET created_at = NULL WHERE id = 1")  # written before the column existed: old
+    query_write(app, "UPDATE sync_action SET created_at = NULL")  # written before the column existed: their age is unknown
+    assert compact(runner, "--keep", "5").endswith("removed 0 sync actions and 0 client transactions; it now starts after syncId 0.\n")
+    query_write(app, "UPDATE sync_action SET created_at = :at WHERE id <= 4 AND id > 1", at=now - 10 * day)
 
     assert compact(runner, "--keep", "5").endswith("it now starts after syncId 4.\n")
     assert compact(runner, "--keep", "5").endswith("removed 0 sync actions and 0 client transactions; it now starts after syncId 4.\n")
@@ -184,6 +190,20 @@ def test_compact_log_needs_exactly_one_of_before_and_keep(app, seeded, runner):
         result = runner.invoke(args=["compact-log", *args])
         assert result.exit_code == 2, (args, result.output)
     assert snapshot(app) == before
+
+
+def test_a_deleted_groups_id_stays_retired_after_its_actions_are_compacted(app, seeded, runner):
+    """Its members keep their membership (to receive its delete): a new Group under its id would show them its rows."""
+    grace = sign_in(app, "Grace", "group:g2")
+    mutate(seeded, delete("Todo", "t1"), delete("Group", "g1"), delete("Group", "g2"))
+    refused = {"changes": [create("Group", "g2", name="Reused")]}
+    assert_error(grace.post("/mutate", json=refused), 409, "sync_group_reused")
+
+    compact(runner, "--before", "1000")
+
+    assert_error(grace.post("/mutate", json=refused), 409, "sync_group_reused")
+    assert_error(sign_in(app, "Linus").post("/mutate", json={"changes": [group("g1")]}), 409, "sync_group_reused")
+    assert query(app, "SELECT sync_group FROM sync_group_history ORDER BY sync_group") == [("group:g1",), ("group:g2",)]
 
 
 # --- Retries of transactions whose records went with the log ---

@@ -17,6 +17,7 @@ def test_a_preflight_for_a_json_post_is_allowed_without_a_token(anonymous):
     assert "POST" in response.headers["Access-Control-Allow-Methods"]
     assert "Content-Type" in response.headers["Access-Control-Allow-Headers"]
     assert "Authorization" in response.headers["Access-Control-Allow-Headers"]
+    assert "Loco-Schema-Version" in response.headers["Access-Control-Allow-Headers"]  # the adapter's schemaVersion option
 
 
 def test_answers_and_errors_both_carry_the_cors_headers(client, anonymous):

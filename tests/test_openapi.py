@@ -138,7 +138,7 @@ def test_query_parameters_are_typed(document):
 def test_every_endpoint_takes_the_schema_version_header(document):
     for path, method in [("/sync", "get"), ("/bootstrap", "get"), ("/mutate", "post")]:
         (header,) = [p for p in document["paths"][path][method]["parameters"] if p["in"] == "header"]
-        assert (header["name"], header["required"], header["schema"]) == ("Loco-Schema-Version", False, {"type": "integer", "minimum": 0})
+        assert (header["name"], header["required"], header["schema"]) == ("Loco-Schema-Version", False, {"type": "integer", "minimum": 0, "maximum": 999_999_999})
 
 
 def test_the_limits_a_client_must_keep_are_in_the_document_as_this_server_sets_them(app, anonymous):

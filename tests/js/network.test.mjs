@@ -214,6 +214,23 @@ function recordingFetch(inner = (url, init) => fetch(url, init)) {
 }
 
 /** A listener that keeps what it gets. */
+/** A fetch that drops the answer of the next POST after it is committed, while `lose` is set (it clears itself). */
+function losingFetch(lose) {
+  const state = {
+    lose,
+    async fetch(url, init) {
+      const response = await fetch(url, init);
+      if (init.method === "POST" && state.lose) {
+        state.lose = false;
+        await response.arrayBuffer();
+        throw new TypeError("fetch failed (the test dropped the answer)");
+      }
+      return response;
+    },
+  };
+  return state;
+}
+
 function recorder() {
   /** @type {any[]} */
   const messages = [];
@@ -273,16 +290,8 @@ test("sendTransaction returns the lastSyncId of the committed transaction", asyn
 });
 
 test("a retried transaction (same array) carries the same transactionId and is applied exactly once", async () => {
-  let loseNextAnswer = true;
-  const recording = recordingFetch(async (url, init) => {
-    const response = await fetch(url, init);
-    if (init.method === "POST" && loseNextAnswer) {
-      loseNextAnswer = false;
-      await response.arrayBuffer();
-      throw new TypeError("fetch failed (the test dropped the answer)");
-    }
-    return response;
-  });
+  const losing = losingFetch(true);
+  const recording = recordingFetch(losing.fetch);
   const adapter = adapterFor("Ada", { fetch: recording });
   const head = await headOf();
   const id = freshId("retry");
@@ -1029,16 +1038,8 @@ async function assertStopped(t, adapter, recording, info) {
 }
 
 test("a transaction carries baseSyncId, the greatest syncId the adapter had seen when it first sent it, and keeps it for its retries", async (t) => {
-  let loseNextAnswer = false;
-  const recording = recordingFetch(async (url, init) => {
-    const response = await fetch(url, init);
-    if (init.method === "POST" && loseNextAnswer) {
-      loseNextAnswer = false;
-      await response.arrayBuffer();
-      throw new TypeError("fetch failed (the test dropped the answer)");
-    }
-    return response;
-  });
+  const losing = losingFetch(false);
+  const recording = recordingFetch(losing.fetch);
   const adapter = adapterFor("Ada", { fetch: recording });
   const posts = () => recording.requests.filter((r) => r.method === "POST");
   const wire = (request, baseSyncId, changes) =>
@@ -1055,7 +1056,7 @@ test("a transaction carries baseSyncId, the greatest syncId the adapter had seen
   assert.equal(posts()[1].text, wire(posts()[1], committed, second));
   await mutate("Ada", todo(freshId("base"), "g2"));
   const { value: { firstSyncId: bootstrapped } } = await adapter.bootstrap({ type: "eager", models: ["Author"] });
-  loseNextAnswer = true;
+  losing.lose = true;
   const lost = [todo(freshId("base"), "g1")];
   assertFailure(await adapter.sendTransaction(lost), "network");
   assert.equal(posts()[2].text, wire(posts()[2], bootstrapped, lost));
@@ -1159,7 +1160,7 @@ test("deltaSync answered bootstrap_again (a cursor this database never gave) cal
 });
 
 test("sendTransaction answered bootstrap_again (a retry whose base the log no longer holds) calls onReset, aborts the held poll, and is a server failure", async (t) => {
-  let loseNextAnswer = true;
+  const losing = losingFetch(true);
   let hold = false;
   /** @type {AbortSignal[]} */
   const held = [];
@@ -1169,13 +1170,7 @@ test("sendTransaction answered bootstrap_again (a retry whose base the log no lo
       held.push(init.signal);
       return new Promise((_, reject) => init.signal.addEventListener("abort", () => reject(init.signal.reason), { once: true }));
     }
-    const response = await fetch(url, init);
-    if (init.method === "POST" && loseNextAnswer) {
-      loseNextAnswer = false;
-      await response.arrayBuffer();
-      throw new TypeError("fetch failed (the test dropped the answer)");
-    }
-    return response;
+    return losing.fetch(url, init);
   });
   const { seen, onReset } = resets();
   const adapter = adapterFor("Ada", { fetch: recording, onReset });
