@@ -1,6 +1,6 @@
 """The benchmark: every figure of the performance table in docs/performance.md, in one run.
 
-    python bench/run.py            # full sizes: seven to ten minutes on two cores
+    python bench/run.py            # full sizes: seven to ten minutes on two cores, and about three more for row 11
     python bench/run.py --smoke    # tiny sizes, to prove the script works (the tests run this)
 
 It starts its own servers on 127.0.0.1 under the configuration docs/production.md gives
@@ -46,10 +46,11 @@ from servers import WORKERS, Gunicorn  # noqa: E402
 CONNECTIONS = 16
 # Each request-rate figure is the median of `rounds` runs of `seconds`, taken turn about with its ceiling.
 FULL = dict(seconds=3, rounds=6, history=(1_000, 1_000_000), todos=100_000, latency_samples=1_000, raw_transactions=5_000,
-            connected=(1_000, 5_000, 10_000), connected_seconds=60, fair_seconds=30, fair_tries=3, fan_out_polls=1_000)
+            connected=(1_000, 5_000, 10_000), connected_seconds=60, fair_seconds=30, fair_tries=3, fan_out_polls=1_000,
+            compaction="FULL")  # bench/compaction.py's sizes: a 1,000,000-action log
 SMOKE = dict(seconds=1, rounds=1, history=(1_000, 5_000), todos=2_000, latency_samples=30, raw_transactions=200,
              connected=(3,), connected_seconds=2,  # 3: fewer than a worker's threads, which held polls can exhaust today
-             fair_seconds=2, fair_tries=1, fan_out_polls=20)
+             fair_seconds=2, fair_tries=1, fan_out_polls=20, compaction="SMOKE")  # a 20,000-action log
 GROUPS = 100  # for the history rows: a user in all of them, and one in just group:g0
 
 
@@ -441,6 +442,7 @@ def main() -> None:
         rows += connected_rows(size, directory, progress)
         rows += fair_writes_rows(size, directory, progress)
         rows += fan_out_rows(size, directory, progress)
+        rows += compaction_rows(size, directory, progress, postgres)
     finally:
         for server in servers:
             server.stop()
@@ -533,6 +535,22 @@ def fair_writes_rows(size: dict, directory: Path, progress) -> list[tuple[str, .
              f"no heavy senders: p50 {alone['p50_ms']:,.0f} ms, p99 {alone['p99_ms']:,.0f} ms, max {alone['max_ms']:,.0f} ms",
              f"p99 × {loaded['p99_ms'] / alone['p99_ms']:,.0f}",
              verdict(loaded["p99_ms"] <= 100, "others' p99 ≤ 100 ms"))]
+
+
+def compaction_rows(size: dict, directory: Path, progress, postgres: str | None) -> list[tuple[str, ...]]:
+    """Rows 11a and 11b on SQLite, 11c and 11d on PostgreSQL when there is one: `flask compact-log` shortening a
+    long log while clients write and poll, and a client far behind before and after it (bench/compaction.py)."""
+    from bench import compaction
+
+    rows = []
+    for letters, engine in (("ab", None), ("cd", postgres)) if postgres else (("ab", None),):
+        result = compaction.measure(directory, getattr(compaction, size["compaction"]), engine, progress)
+        prefix = "PostgreSQL: " if engine else ""
+        what, figure, ratio = compaction.compaction_row(result)
+        rows.append((f"11{letters[0]}", prefix + what, figure, "before compaction, same run", ratio, verdict(result["nothing_lost"], "compacted, nothing lost")))
+        what, figure, ratio = compaction.catch_up_row(result)
+        rows.append((f"11{letters[1]}", prefix + what, figure, "catch-up before compaction", ratio, ""))
+    return rows
 
 
 def merged(rates: list[Rate]) -> Rate:

@@ -19,6 +19,7 @@ ROWS = ["1a", "1b", "1c", "1d", "2", "3a", "3b", "4a", "4b", "5a", "5b", "6"]
 POSTGRES_ROWS = ["7a", "7b", "7c", "7d"]  # when TEST_DATABASE_URL names a PostgreSQL database
 CONNECTED_ROWS = ["8a"]  # at the smoke size, one crowd of connected clients
 FAIR_ROWS = ["9", "10"]  # bench/fair_writes.py, bench/fan_out.py
+COMPACTION_ROWS = ["11a", "11b"]  # bench/compaction.py on SQLite; 11c and 11d on PostgreSQL with TEST_DATABASE_URL
 
 
 def test_the_benchmark_measures_every_row_of_its_table():
@@ -32,7 +33,9 @@ def test_the_benchmark_measures_every_row_of_its_table():
 
     assert result.returncode == 0, result.stderr
     table = {line.split("|")[1].strip(): line for line in result.stdout.splitlines() if re.match(r"\| \d+[a-d]? \|", line)}
-    assert list(table) == ROWS + (POSTGRES_ROWS if os.environ.get("TEST_DATABASE_URL") else []) + CONNECTED_ROWS + FAIR_ROWS, result.stdout
+    postgres = bool(os.environ.get("TEST_DATABASE_URL"))
+    compaction_rows = COMPACTION_ROWS + (["11c", "11d"] if postgres else [])
+    assert list(table) == ROWS + (POSTGRES_ROWS if postgres else []) + CONNECTED_ROWS + FAIR_ROWS + compaction_rows, result.stdout
     for row, line in table.items():
         figure = line.split("|")[3]
         assert re.search(r"\d", figure), f"row {row} has no figure: {line}"
@@ -44,4 +47,8 @@ def test_the_benchmark_measures_every_row_of_its_table():
         # 503 after its retries, as the protocol allows (the client retries); the row counts them.
         if row not in POSTGRES_ROWS:
             assert "failed)" not in line, f"row {row} had failed requests: {line}"
+    # Compaction under writes and polls finished and lost nothing: every poller got each acknowledged syncId of its groups
+    # once, in order, and the log holds exactly the actions above its new start (a correctness check, not a timing).
+    for row in ("11a", "11c") if postgres else ("11a",):
+        assert "compacted, nothing lost: met" in table[row], table[row]
     assert re.search(r"on \d+ cores", result.stdout)
