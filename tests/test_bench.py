@@ -52,3 +52,19 @@ def test_the_benchmark_measures_every_row_of_its_table():
     for row in ("11a", "11c") if postgres else ("11a",):
         assert "compacted, nothing lost: met" in table[row], table[row]
     assert re.search(r"on \d+ cores", result.stdout)
+
+
+def test_round_trips_per_mutation_are_counted_statement_by_statement(engine):
+    """bench/round_trips.py, for issue 18's "round trips per mutation": each kind's total is the sum of its
+    statements, among them the row's write, its sync action and the COMMIT."""
+    args = [sys.executable, "bench/round_trips.py", "--mutations", "3", *(["--postgres"] if engine == "postgresql" else [])]
+    result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+    assert result.returncode == 0, result.stderr
+    kinds = re.findall(r"^  (create|update): ([\d.]+)\n((?:    .*\n?)+)", result.stdout, re.MULTILINE)
+    assert [kind for kind, _, _ in kinds] == ["create", "update"], result.stdout
+    for kind, total, block in kinds:
+        statements = dict((sql, float(count)) for count, sql in re.findall(r"^ +([\d.]+)  (.+)$", block, re.MULTILINE))
+        assert abs(sum(statements.values()) - float(total)) < 0.1, block
+        write = "INSERT INTO todos (id," if kind == "create" else "UPDATE todos SET text"
+        assert statements[write] == statements["INSERT INTO sync_action (action,"] == statements["COMMIT"] == 1.0, block
