@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from app import create_app, in_write_transaction, join  # noqa: E402
-from bench.run import Client, drop_postgres_schemas, libpq, percentile  # noqa: E402
+from bench.run import Client, add_postgres_option, drop_postgres_schemas, libpq, percentile, postgres_url  # noqa: E402
 from machinery.cli import new_user, seed_demo  # noqa: E402
 from models import db  # noqa: E402
 from servers import WORKERS, Gunicorn  # noqa: E402
@@ -537,22 +537,20 @@ def report(result: dict) -> str:
     lines.append(f"  the log after: {log['held']:,} actions above its start {log['start']:,} (expected {log['expected']:,}), {log['below']:,} at "
                  f"or below it; {log['links']:,} group links above, {log['links_below']:,} below; {log['transactions_at_or_below']:,} client "
                  f"transactions with a baseSyncId at or below it")
-    for label, row in (("catch-up", catch_up_row(result)),):
-        lines.append(f"  {row[0]}: {row[1]} ({row[2]})")
+    what, figure, ratio = catch_up_row(result)
+    lines.append(f"  {what}: {figure} ({ratio})")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="a 20,000-action log, seconds long: only proves the script works")
-    parser.add_argument("--postgres", action="store_true", help="on BENCH_DATABASE_URL or TEST_DATABASE_URL, a postgresql+psycopg:// URL")
+    add_postgres_option(parser)
     options = parser.parse_args()
-    postgres = options.postgres and (os.environ.get("BENCH_DATABASE_URL") or os.environ.get("TEST_DATABASE_URL"))
-    if options.postgres and not postgres:
-        sys.exit("--postgres needs BENCH_DATABASE_URL or TEST_DATABASE_URL")
+    postgres = postgres_url(parser, options)
     with tempfile.TemporaryDirectory(prefix="loco-compaction-") as directory:
         try:
-            result = measure(Path(directory), SMOKE if options.smoke else FULL, postgres or None,
+            result = measure(Path(directory), SMOKE if options.smoke else FULL, postgres,
                              lambda text: print(f"... {text}", file=sys.stderr, flush=True))
         finally:
             if postgres:

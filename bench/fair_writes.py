@@ -43,7 +43,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from app import MAX_CHANGES  # noqa: E402
 from bench import connected  # noqa: E402
-from bench.run import Client, drop_postgres_schemas, libpq, percentile  # noqa: E402
+from bench.run import Client, add_postgres_option, drop_postgres_schemas, libpq, percentile, postgres_url  # noqa: E402
 from machinery.input import LIMITS  # noqa: E402
 from machinery.postgres import LOG_LOCK  # noqa: E402
 from machinery.writer import WriteLock  # noqa: E402
@@ -274,12 +274,10 @@ def report(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="seconds long: only proves the script works")
-    parser.add_argument("--postgres", action="store_true", help="on BENCH_DATABASE_URL or TEST_DATABASE_URL, a postgresql+psycopg:// URL")
+    add_postgres_option(parser)
     parser.add_argument("--senders", type=int, default=HEAVY_SENDERS, help="clients sending the heavy requests back to back")
     options = parser.parse_args()
-    postgres = options.postgres and (os.environ.get("BENCH_DATABASE_URL") or os.environ.get("TEST_DATABASE_URL"))
-    if options.postgres and not postgres:
-        sys.exit("--postgres needs BENCH_DATABASE_URL or TEST_DATABASE_URL")
+    postgres = postgres_url(parser, options)
     with tempfile.TemporaryDirectory(prefix="loco-fair-") as directory:
         try:
             result = measure(Path(directory), *((2, 1) if options.smoke else (30, 3)), postgres, options.senders)

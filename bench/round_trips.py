@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from app import create_app  # noqa: E402
+from bench.run import add_postgres_option, postgres_url  # noqa: E402
 from helpers import create, fresh_database, give_author, group, mutate, shut_down, sign_in, todo, update  # noqa: E402
 from machinery import postgres  # noqa: E402
 from models import db  # noqa: E402
@@ -91,13 +92,10 @@ def report(engine: str, result: dict[str, collections.Counter]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--postgres", action="store_true", help="on BENCH_DATABASE_URL or TEST_DATABASE_URL, a postgresql+psycopg:// URL")
+    add_postgres_option(parser)
     parser.add_argument("--mutations", type=int, default=50, help="of each kind")
     options = parser.parse_args()
-    if options.postgres:
-        url = os.environ.get("BENCH_DATABASE_URL") or os.environ.get("TEST_DATABASE_URL")
-        if not url:
-            parser.error("--postgres needs BENCH_DATABASE_URL or TEST_DATABASE_URL")
+    if url := postgres_url(parser, options):
         os.environ["TEST_DATABASE_URL"] = url  # where fresh_database makes its schema
     engine = "postgresql" if options.postgres else "sqlite"
     print(report(engine, measure(engine, options.mutations)))

@@ -80,6 +80,20 @@ def drop_postgres_schemas(base_url: str) -> None:
             admin.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
+def add_postgres_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--postgres", action="store_true", help="on BENCH_DATABASE_URL or TEST_DATABASE_URL, a postgresql+psycopg:// URL")
+
+
+def postgres_url(parser: argparse.ArgumentParser, options: argparse.Namespace) -> str | None:
+    """With --postgres, the database the scripts of bench/ measure PostgreSQL on; without it, None."""
+    if not options.postgres:
+        return None
+    url = os.environ.get("BENCH_DATABASE_URL") or os.environ.get("TEST_DATABASE_URL")
+    if not url:
+        parser.error("--postgres needs BENCH_DATABASE_URL or TEST_DATABASE_URL")
+    return url
+
+
 def libpq(url: str) -> str:
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 

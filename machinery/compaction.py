@@ -63,7 +63,7 @@ OLDEST = """SELECT max(id), count(*) FROM (
 def remove_batch(db_connection: DbConnection, after: int, floor: int, batch: int) -> tuple[int, int, int]:
     """The oldest actions above `after` and at or below the floor, their links and records; where it ended, how many of each."""
     upto, actions = db_connection.execute(OLDEST, (after, floor, batch, MAX_BATCH_BYTES)).fetchone()
-    upto = floor if upto is None else upto  # none left: the records of the rest (say, of actions init-db dropped)
+    upto = floor if upto is None else upto  # none left: a last sweep, up to the floor
     # A group's links kept its id from being used again by a new Group, which its old members would see: keep the name.
     remembered = "INSERT INTO sync_group_history (sync_group) SELECT DISTINCT sync_group FROM sync_action_group"
     db_connection.execute(f"{remembered} WHERE sync_action_id > ? AND sync_action_id <= ? AND sync_group <> 'all' ON CONFLICT DO NOTHING",
@@ -90,7 +90,7 @@ def compact_log(floor: int, batch: int = BATCH, after_batch=lambda: None) -> tup
 
 def in_batch_transaction(work):
     if flavour().postgres:  # one at a time across processes, as large writes are (writer.py)
-        return current_app.extensions["writer"].run(work, BATCH, begin="BEGIN ISOLATION LEVEL READ COMMITTED")
+        return current_app.extensions["writer"].run(work, begin="BEGIN ISOLATION LEVEL READ COMMITTED")
     return in_write_transaction(work)
 
 
