@@ -119,7 +119,8 @@ class SyncedModel:
         table, listed = self.table.__tablename__, ", ".join(self.columns)
         return RowSql(
             select=f"SELECT {listed} FROM {table} WHERE id = ?",
-            insert=f"INSERT INTO {table} ({listed}) VALUES ({', '.join('?' * len(self.columns))}) RETURNING {listed}",
+            # No row back when the id exists: the check and the write in one statement, which waits for a create of the same id elsewhere.
+            insert=f"INSERT INTO {table} ({listed}) VALUES ({', '.join('?' * len(self.columns))}) ON CONFLICT (id) DO NOTHING RETURNING {listed}",
             update=f"UPDATE {table} SET {', '.join(f'{column} = ?' for column in self.columns[1:])} WHERE id = ? RETURNING {listed}",
             delete=f"DELETE FROM {table} WHERE id = ?",
         )

@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from app import apply_transaction, create_app, in_write_transaction, join, load, MutateSchema  # noqa: E402
+from app import applied, apply_transaction, create_app, in_write_transaction, join, load, MutateSchema  # noqa: E402
 from machinery.cli import new_user  # noqa: E402
 from bench.run import Client, cpu_seconds, memory_kib, percentile, workers_of  # noqa: E402
 from models import db  # noqa: E402
@@ -58,7 +58,7 @@ def seed(url: str, clients: int) -> tuple[str, list[tuple[str, int]], int]:
 
     def users(db_connection):
         writer, writer_token = new_user(db_connection, "writer")
-        head = apply_transaction(db_connection, load(MutateSchema(), {"changes": changes})["changes"], writer, None, "")
+        head = applied(db_connection, apply_transaction(db_connection, load(MutateSchema(), {"changes": changes})["changes"], writer, None, ""))
         made = []
         for n in range(clients):
             user_id, token = new_user(db_connection, f"client {n}")

@@ -38,7 +38,7 @@ from sqlalchemy.engine import make_url
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from app import apply_transaction, create_app, in_write_transaction, join, load, MutateSchema  # noqa: E402
+from app import applied, apply_transaction, create_app, in_write_transaction, join, load, MutateSchema  # noqa: E402
 from machinery.cli import new_user  # noqa: E402
 from models import db  # noqa: E402
 from servers import WORKERS, Gunicorn  # noqa: E402
@@ -108,11 +108,11 @@ def seed(url: str) -> dict[str, str]:
     def users_and_groups(db_connection):
         (everyone, everyone_token), (one, one_token) = new_user(db_connection, "in every group"), new_user(db_connection, "in group:g0 only")
         typical, typical_token = new_user(db_connection, "in group:g0 and group:g1")
-        apply_transaction(db_connection, load(MutateSchema(), {"changes": changes})["changes"], everyone, None, "")  # joins every group
+        applied(db_connection, apply_transaction(db_connection, load(MutateSchema(), {"changes": changes})["changes"], everyone, None, ""))  # joins every group
         join(db_connection, one, "group:g0")
         join(db_connection, typical, "group:g0")
         join(db_connection, typical, "group:g1")
-        apply_transaction(db_connection, load(MutateSchema(), {"changes": author})["changes"], typical, None, "")
+        applied(db_connection, apply_transaction(db_connection, load(MutateSchema(), {"changes": author})["changes"], typical, None, ""))
         return {"every": everyone_token, "one": one_token, "typical": typical_token}
 
     with app.app_context():

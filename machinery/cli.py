@@ -15,7 +15,7 @@ import secrets
 import click
 from flask.cli import with_appcontext
 
-from app import MutateSchema, apply_transaction, caller_sync_groups, in_write_transaction, join, leave, load, read_head, sha256
+from app import MutateSchema, applied, apply_transaction, caller_sync_groups, in_write_transaction, join, leave, load, read_head, sha256
 from machinery.compaction import compact_log_command
 from machinery.database import DbConnection, create_schema, read_transaction, schema_statements, start_log_after
 from machinery.long_poll import membership_changed
@@ -94,9 +94,9 @@ def seed_demo() -> tuple[dict[str, str], int]:
         if db_connection.execute("SELECT 1 FROM users LIMIT 1").fetchone():
             raise click.ClickException("The database already has users; run `flask --app app init-db` to start over.")
         (ada, ada_token), (grace, grace_token) = new_user(db_connection, "Ada"), new_user(db_connection, "Grace")
-        apply_transaction(db_connection, [c for c in changes if c not in graces], ada, None, "")  # Ada creates g1 and g2, so joins both
+        applied(db_connection, apply_transaction(db_connection, [c for c in changes if c not in graces], ada, None, ""))  # Ada creates g1 and g2, so joins both
         join(db_connection, grace, "group:g1")
-        last_sync_id = apply_transaction(db_connection, graces, grace, None, "")
+        last_sync_id = applied(db_connection, apply_transaction(db_connection, graces, grace, None, ""))
         return {"Ada": ada_token, "Grace": grace_token}, last_sync_id
 
     return in_write_transaction(seed)

@@ -14,13 +14,10 @@ Safe while servers run, in this order:
      writers wait at most one batch. Every read that could see a removed action
      is one snapshot (a page is one statement) taken before it was removed, or
      after the start was raised, when its cursor is refused.
-On PostgreSQL both steps are READ COMMITTED. A batch removes what nothing reads or
-writes any more; serializable ones took a predicate lock per row, until PostgreSQL's
-table of them was full and they, or writers beside them, failed ("out of shared
-memory"). The raise conflicted with every writer that read the start (a retry's
-baseSyncId check) and could fail ten times in a row; it needs no serializable check:
-a write that finds a record pruned has a snapshot taken after the prune, so after the raise.
-A retry of a transaction whose record was pruned: see app.py's apply_transaction.
+On PostgreSQL each runs alone, one at a time across app servers, as large writes do
+(writer.py), at READ COMMITTED as every write there does. A retry of a transaction whose
+record was pruned reads the start in a statement after its claim of the record, so after
+the raise (app.py's apply_transaction; docs/design.md, "Writes on PostgreSQL").
 Proved by tests/test_compaction.py; its cost is bench/compaction.py's.
 """
 
@@ -71,8 +68,8 @@ def remove_batch(db_connection: DbConnection, after: int, floor: int, batch: int
     db_connection.execute("DELETE FROM sync_action_group WHERE sync_action_id > ? AND sync_action_id <= ?", (after, upto))
     db_connection.execute("DELETE FROM sync_action WHERE id > ? AND id <= ?", (after, upto))
     # Only records that carry the client's baseSyncId: a retry without one could not be told from a new transaction.
-    pruned = "DELETE FROM client_transaction WHERE last_sync_id > ? AND last_sync_id <= ? AND base_sync_id IS NOT NULL"
-    return upto, actions, db_connection.execute(pruned, (after, upto)).rowcount
+    pruned = "DELETE FROM client_transaction WHERE last_sync_id > ? AND last_sync_id <= ? AND base_sync_id IS NOT NULL RETURNING 1"
+    return upto, actions, len(db_connection.execute(pruned, (after, upto)).fetchall())  # a count read, not a rowcount not yet in
 
 
 def compact_log(floor: int, batch: int = BATCH, after_batch=lambda: None) -> tuple[int, int, int]:
@@ -90,7 +87,7 @@ def compact_log(floor: int, batch: int = BATCH, after_batch=lambda: None) -> tup
 
 def in_batch_transaction(work):
     if flavour().postgres:  # one at a time across processes, as large writes are (writer.py)
-        return current_app.extensions["writer"].run(work, begin="BEGIN ISOLATION LEVEL READ COMMITTED")
+        return current_app.extensions["writer"].run(work, alone=True)
     return in_write_transaction(work)
 
 

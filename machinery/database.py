@@ -40,7 +40,7 @@ class Flavour:
     name: str  # "sqlite" or "postgresql"
     dialect: Dialect  # SQLAlchemy's, whose column types convert values to and from the driver's
     begin_read: str  # one snapshot for every statement until COMMIT
-    begin_write: str  # serializable, and on SQLite the write lock at once
+    begin_write: str  # SQLite: the write lock at once; PostgreSQL: READ COMMITTED, with row locks (postgres.ROW_LOCKS)
 
     @property
     def postgres(self) -> bool:

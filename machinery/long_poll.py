@@ -27,7 +27,7 @@ from typing import Any
 from flask import current_app
 from sqlalchemy.engine import Engine
 
-from machinery import event_loop, postgres
+from machinery import event_loop, postgres, sqlite
 from machinery.database import flavour
 from machinery.writer import commit_bell
 
@@ -71,9 +71,9 @@ class HeldPoll:
 class HeldPolls:
     """This process's held polls, and the one reader that answers them."""
 
-    def __init__(self, engine: Engine, sqlite_file: str | None, bell: str | None, config: dict, sqlite_sql: tuple[str, str]):
+    def __init__(self, engine: Engine, sqlite_file: str | None, bell: str | None, config: dict):
         self.engine, self.sqlite_file, self.bell, self.config = engine, sqlite_file, bell, config
-        wire_action, size = (postgres.WIRE_ACTION, postgres.ACTION_BYTES) if sqlite_file is None else sqlite_sql  # app.py's, in SQLite's
+        wire_action, size = (postgres.WIRE_ACTION, postgres.ACTION_BYTES) if sqlite_file is None else (sqlite.WIRE_ACTION, sqlite.ACTION_BYTES)
         concat = "string_agg" if sqlite_file is None else "group_concat"
         self.new_actions_sql = NEW_ACTIONS.format(wire_action=wire_action, concat_groups=f"{concat}(sync_group, ',')", size=size)
         self.lock = threading.Lock()

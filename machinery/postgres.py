@@ -3,9 +3,11 @@
 SQLite is one file with one writer at a time, so its write lock orders the
 log and its PRAGMAs tell other processes of a commit. PostgreSQL runs writers
 side by side, on several app servers: this module gives app.py's `?` SQL to
-psycopg, takes the log's advisory lock (so commits land in syncId order),
-notifies listeners at COMMIT, and holds GET /sync's statement in PostgreSQL's
-dialect. psycopg itself is imported by SQLAlchemy, only for a PostgreSQL URL
+psycopg, in pipeline mode inside a write (statements go out as they come, and
+one round trip brings back every result read so far), names the row locks
+that make READ COMMITTED writes safe (docs/design.md, "Writes on PostgreSQL"),
+takes the log's advisory lock (so commits land in syncId order), notifies
+listeners at COMMIT, and holds GET /sync's statement in PostgreSQL's dialect. psycopg itself is imported by SQLAlchemy, only for a PostgreSQL URL
 (tests/test_portability.py).
 Proved by tests/test_postgres.py and by every test run with TEST_DATABASE_URL.
 """
@@ -17,7 +19,15 @@ import functools
 from typing import Any
 
 BEGIN_READ = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
-BEGIN_WRITE = "BEGIN ISOLATION LEVEL SERIALIZABLE"
+# Each check locks what it reads (ROW_LOCKS), or is a constraint; so no predicate locks, and no conflict that is not real.
+BEGIN_WRITE = "BEGIN ISOLATION LEVEL READ COMMITTED"
+ROW_LOCKS = {
+    "caller": " FOR SHARE",  # a revocation (an UPDATE of the user) commits before the write, or after it
+    "caller_joining": " FOR NO KEY UPDATE",  # creates a sync group: the same user's others wait, so MAX_SYNC_GROUPS_PER_USER holds
+    "update": " FOR NO KEY UPDATE",  # read the newest version, and keep it until COMMIT: no lost update
+    "delete": " FOR UPDATE",  # and a row being made to reference it (below) commits first, or after
+    "reference": " FOR KEY SHARE",  # the row a change names cannot be deleted until COMMIT; it may be updated
+}
 LOG_LOCK = 0x10C0_5E9C  # the advisory lock key of the log's tail
 SCHEMA_LOCK = LOG_LOCK + 1
 LARGE_WRITE_LOCK = LOG_LOCK + 2
@@ -28,12 +38,16 @@ class PostgresConnection:
     """psycopg's connection, taking SQL written with sqlite3's `?` placeholders."""
 
     def __init__(self, pooled):
-        self.pooled, self.driver = pooled, pooled.driver_connection
+        self.pooled, self.driver, self.pipeline = pooled, pooled.driver_connection, None
 
     def execute(self, sql: str, params: Any = ()):
         return self.driver.execute(pyformat(sql) if isinstance(params, tuple | list) else sql, params)
 
     def executemany(self, sql: str, rows: list) -> None:
+        if self.pipeline is not None:  # psycopg's executemany would sync the pipeline: a round trip
+            for row in rows:
+                self.driver.execute(pyformat(sql), row)
+            return
         with self.driver.cursor() as cursor:
             cursor.executemany(pyformat(sql), rows)
 
@@ -42,6 +56,22 @@ class PostgresConnection:
         cursor = self.driver.cursor(name="stream")
         cursor.execute(pyformat(sql), params)
         return cursor
+
+    @contextlib.contextmanager
+    def pipelined(self):
+        """A write transaction's statements are sent as they come, and read when fetched: a fetch waits for
+        one round trip that brings back every result sent before it. (The results are all read before COMMIT.)"""
+        with self.driver.pipeline() as self.pipeline:
+            try:
+                yield
+            finally:
+                self.pipeline = None
+
+    def settle(self) -> None:
+        """Every statement sent has its result, and an error among them is raised here. After an error, psycopg
+        skips the statements that follow until this sync; then the transaction takes ROLLBACK (TO SAVEPOINT)."""
+        if self.pipeline is not None:
+            self.pipeline.sync()
 
     @property
     def in_transaction(self) -> bool:
@@ -59,6 +89,11 @@ def pyformat(sql: str) -> str:
 def lock_log(db_connection) -> None:
     """Until this transaction ends: see app.py's lock_log for why."""
     db_connection.execute("SELECT pg_advisory_xact_lock(?)", (LOG_LOCK,))
+
+
+def try_lock_log(db_connection) -> bool:
+    """The log's lock, if no other transaction holds it (writer.py takes in the writes that queue meanwhile)."""
+    return db_connection.execute("SELECT pg_try_advisory_xact_lock(?)", (LOG_LOCK,)).fetchone()[0]
 
 
 @contextlib.contextmanager
@@ -114,7 +149,7 @@ WIRE_ACTION = """'{"syncId":' || id || ',"action":' || to_json(action) || ',"mod
 # An action's bytes on the wire, near enough, without building it: its row's, its id's, and 100 for the rest.
 ACTION_BYTES = "coalesce(octet_length(data), 0) + octet_length(model_id) + 100"
 
-# app.py's PAGE_SQLITE, said in PostgreSQL's dialect; a single statement reads one snapshot here too.
+# machinery/sqlite.py's PAGE, said in PostgreSQL's dialect; a single statement reads one snapshot here too.
 PAGE = f"""
 WITH log AS (
     SELECT log_start, coalesce((SELECT max(id) FROM sync_action), log_start) AS head

@@ -98,6 +98,15 @@ def app(database_url):
 
 
 @pytest.fixture
+def pg_app(tmp_path):
+    """An app on a PostgreSQL schema of its own, for the tests about PostgreSQL alone (they skip without TEST_DATABASE_URL)."""
+    with fresh_database("postgresql", tmp_path) as url:
+        app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": url})
+        yield app
+        shut_down(app)
+
+
+@pytest.fixture
 def client(app):
     """Signed in as Ada, who has only `all` until she creates or joins a Group."""
     return sign_in(app, "Ada")

@@ -6,6 +6,8 @@ import time
 import pytest
 from sqlalchemy import event, text
 
+import app as app_module
+
 from helpers import (
     assert_error,
     create,
@@ -300,3 +302,43 @@ def test_writes_that_wait_together_share_one_commit_and_a_refused_one_is_rolled_
     assert wire([a["syncId"] for a in log]) == wire([6, 7, 8])
     assert sorted(a["modelId"] for a in log) == ["t2", "t3", "t4"]
     assert [a["modelId"] for a in log if a["modelId"] != "t2"] == ["t3", "t4"]
+
+
+def test_a_retry_that_shares_a_transaction_with_its_first_attempt_is_503_network_then_answered(app, seeded):
+    """Group commit can put a retry in the very transaction of its first attempt, whose syncIds are not taken yet:
+    it is told to retry shortly (type network), and that retry is answered from the record, never applied twice."""
+    writer = app.extensions["writer"]
+    body = {"transactionId": "twice", "changes": [todo("t2", "g1")]}
+    answers = []
+    with writer.changed:
+        writer.committing = True  # as if a transaction were committing: both wait, then share the next
+    threads = [threading.Thread(target=lambda: answers.append(same_user(app, seeded).post("/mutate", json=body))) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 10
+    while len(writer.queued) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(writer.queued) == 2
+    with writer.changed:
+        writer.committing = False
+        writer.changed.notify_all()
+    for thread in threads:
+        thread.join()
+
+    statuses = sorted(answer.status_code for answer in answers)
+    assert statuses == [200, 503]
+    assert_error(next(a for a in answers if a.status_code == 503), 503, "database_busy", type="network")
+    first = next(a for a in answers if a.status_code == 200).get_json()
+    assert wire(seeded.post("/mutate", json=body).get_json()) == wire(first)  # the client's retry
+    assert [action["modelId"] for action in read_log(seeded, since=5)] == ["t2"]
+
+
+def test_a_write_refused_after_it_claimed_its_transaction_id_is_refused_alone_and_spends_nothing(app, seeded, monkeypatch):
+    """Its token revoked between the door and its transaction: the claim it already made is undone with it,
+    and it is answered 401, not held up (SQLite kept a claim not read to its end from being released: 503)."""
+    check_groups = app_module.caller_sync_groups
+    monkeypatch.setattr(app_module, "caller_sync_groups", lambda db_connection, user_id, token, lock="": check_groups(db_connection, user_id, "0" * 64, lock))
+    assert_error(seeded.post("/mutate", json={"transactionId": "claimed", "changes": [todo("t9", "g1")]}), 401, "unauthorized", type="auth")
+    monkeypatch.undo()
+
+    assert wire(mutate(seeded, todo("t9", "g1"), transaction_id="claimed")) == wire({"lastSyncId": 6})

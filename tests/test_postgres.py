@@ -1,5 +1,6 @@
 """What only PostgreSQL needs: commits that land out of syncId order, and
-serialization failures. Skipped unless TEST_DATABASE_URL names a database."""
+transactions retried (deadlocks, serialization failures). The anomalies of its
+READ COMMITTED writes are tests/test_isolation.py's. Skipped unless TEST_DATABASE_URL names a database."""
 
 from __future__ import annotations
 
@@ -10,28 +11,18 @@ import time
 import psycopg
 import pytest
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
 
 import app as app_module
 import machinery.writer as writer
-from app import apply_transaction, create_app, flavour, load, MutateSchema, read_page
+from app import applied, apply_transaction, create_app, flavour, load, MutateSchema, read_page
 from machinery.database import speaking_sql
-from helpers import assert_error, create, fresh_database, group, mutate, reader, same_user, shut_down, sign_in, snapshot, todo, update, wire
+from helpers import assert_error, create, fresh_database, group, mutate, reader, same_user, shut_down, sign_in, snapshot, todo, wire
 from models import db
 
 TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL")
 pytestmark = pytest.mark.skipif(
     not TEST_DATABASE_URL, reason="PostgreSQL tests need TEST_DATABASE_URL, e.g. postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
-
-
-@pytest.fixture
-def pg_app(tmp_path):
-    """An app on a schema of its own in the PostgreSQL database."""
-    with fresh_database("postgresql", tmp_path) as url:
-        app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": url})
-        yield app
-        shut_down(app)
 
 
 def changes(*raw: dict):
@@ -47,14 +38,14 @@ def race(app, ada) -> tuple[dict, dict]:
         a = speaking_sql(db.engine.raw_connection())
         try:
             a.execute(flavour().begin_write)
-            apply_transaction(a, changes(todo("ta", "g1")), ada.user_id, None, "")  # takes syncId head + 1
+            applied(a, apply_transaction(a, changes(todo("ta", "g1")), ada.user_id, None, ""))  # takes syncId head + 1
 
             def b_writes():
                 with app.app_context():
                     b = speaking_sql(db.engine.raw_connection())
                     try:
                         b.execute(flavour().begin_write)
-                        apply_transaction(b, changes(todo("tb", "g1")), ada.user_id, None, "")
+                        applied(b, apply_transaction(b, changes(todo("tb", "g1")), ada.user_id, None, ""))
                         b.execute("COMMIT")
                     finally:
                         b.close()
@@ -101,32 +92,6 @@ def test_without_the_log_lock_the_same_race_skips_an_action(pg_app, monkeypatch)
     assert seen(after) == []
     assert "ta" not in seen(before, after)  # lost for this poller, though committed
     assert [row["id"] for row in ada.get("/bootstrap?type=eager&models=Todo").get_json()["bootstrap"]["Todo"]] == ["ta", "tb"]
-
-
-def test_a_serialization_failure_is_retried_and_the_mutation_applied_once(pg_app):
-    ada = sign_in(pg_app, "Ada")
-    mutate(ada, group("g1"), create("Author", "a1", name="Ada"), todo("t1", "g1"))
-    url = make_url(pg_app.config["SQLALCHEMY_DATABASE_URI"]).set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(url, autocommit=True) as other:
-        other.execute("BEGIN ISOLATION LEVEL SERIALIZABLE")
-        other.execute("UPDATE todos SET like_count = 7 WHERE id = 't1'")
-        answer = {}
-
-        def ada_updates():
-            answer["response"] = mutate(ada, update("Todo", "t1", text="Renamed"), transaction_id="rename")
-
-        ada_writing = threading.Thread(target=ada_updates)
-        ada_writing.start()
-        ada_writing.join(timeout=1)  # ada's update waits for the row lock
-        assert ada_writing.is_alive()
-        other.execute("COMMIT")  # ada's transaction now fails to serialize, and is retried
-        ada_writing.join()
-
-    last_sync_id = answer["response"]["lastSyncId"]
-    rows = ada.get("/bootstrap?type=eager&models=Todo").get_json()["bootstrap"]["Todo"]
-    assert wire([(r["text"], r["likeCount"]) for r in rows]) == wire([("Renamed", 7)])  # on top of the other commit
-    log = ada.get("/sync?since=3").get_json()["sync"]
-    assert wire([a["syncId"] for a in log]) == wire([last_sync_id]) and wire(log[0]["data"]["likeCount"]) == wire(7)
 
 
 def test_serialization_failures_that_persist_are_503_and_write_nothing(pg_app, monkeypatch):

@@ -5,6 +5,7 @@ import threading
 import pytest
 
 import app as app_module
+from machinery import sqlite
 from models import SCHEMA_VERSION
 from helpers import same_user, as_store, assert_error, delete, mutate, read_log, replay, todo, update, wire
 
@@ -130,7 +131,7 @@ def test_the_cursor_never_passes_an_action_the_response_did_not_carry(app, seede
             self.db_connection = db_connection
 
         def execute(self, sql, *params):
-            if sql is not app_module.PAGE_SQLITE:
+            if sql is not sqlite.PAGE:
                 return self.db_connection.execute(sql, *params)
             self.db_connection.set_progress_handler(commit_once, 50)
             try:
