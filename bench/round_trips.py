@@ -1,4 +1,4 @@
-"""Round trips to the database per one-change mutation, statement by statement.
+"""Round trips to the database per one-change mutation, and its statements one by one.
 
     python bench/round_trips.py               # SQLite
     python bench/round_trips.py --postgres    # on BENCH_DATABASE_URL or TEST_DATABASE_URL
@@ -6,8 +6,10 @@
 In this process, through the app's own write path (a test client, as a request from the
 network adapter is: a transactionId and a baseSyncId), every statement the app's connections
 send is counted: a create of a Todo, then an update of it, `mutations` of each. On PostgreSQL
-each statement is a round trip to the server; SQLite's are calls into the library. Counted,
-not timed: the same on any machine, so a change that saves a round trip shows exactly.
+a round trip is each time the app waits for the server's answer: a statement outside a
+pipeline, or, in the pipeline a write transaction runs in, a read of results not yet in (the
+statements sent before it share that wait). SQLite's statements are calls into the library,
+and there is no round trip. Counted, not timed: a change that saves a round trip shows exactly.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ from helpers import create, fresh_database, give_author, group, mutate, shut_dow
 from machinery import postgres  # noqa: E402
 from models import db  # noqa: E402
 from sqlalchemy import event  # noqa: E402
+import psycopg  # noqa: E402
+from psycopg._pipeline_base import BasePipeline  # noqa: E402  (where psycopg waits for a pipeline's results)
+
+ROUND_TRIPS = "round trips"
 
 
 def first_words(sql: str) -> str:
@@ -47,6 +53,27 @@ def counted(connection_class, counts: collections.Counter) -> None:
         return executemany(self, sql, rows)
 
     connection_class.execute, connection_class.executemany = counting_execute, counting_executemany
+    wait, fetch = psycopg.Connection.wait, BasePipeline._fetch_gen
+
+    def counting_wait(self, generator, *args, **kwargs):
+        return wait(self, generator if self._pipeline else counted_if_it_waits(generator), *args, **kwargs)
+
+    def counted_if_it_waits(generator):
+        """A statement sent alone, and its answer; not a ROLLBACK that psycopg knows it need not send (it never waits)."""
+        try:
+            state = next(generator)
+            counts[ROUND_TRIPS] += 1
+            while True:
+                state = generator.send((yield state))
+        except StopIteration as done:
+            return done.value
+
+    def counting_fetch(self, *, flush):
+        if self.result_queue:  # results sent for and not yet in: the app waits for them
+            counts[ROUND_TRIPS] += 1
+        return (yield from fetch(self, flush=flush))
+
+    psycopg.Connection.wait, BasePipeline._fetch_gen = counting_wait, counting_fetch
 
 
 def traced(app, counts: collections.Counter) -> None:
@@ -82,11 +109,21 @@ def measure(engine: str, mutations: int) -> dict[str, collections.Counter]:
             shut_down(app)
 
 
+def per_mutation(engine: str, mutations: int = 20) -> dict[str, float]:
+    """Round trips per one-change mutation on PostgreSQL, statements on SQLite: {"create": ..., "update": ...}."""
+    return {kind: counts[ROUND_TRIPS] if engine == "postgresql" else statements(counts) for kind, counts in measure(engine, mutations).items()}
+
+
+def statements(counts: collections.Counter) -> float:
+    return sum(count for sql, count in counts.items() if sql != ROUND_TRIPS)
+
+
 def report(engine: str, result: dict[str, collections.Counter]) -> str:
-    lines = [f"{'PostgreSQL' if engine == 'postgresql' else 'SQLite'}: statements per one-change mutation (a transactionId and a baseSyncId)"]
+    lines = [f"{'PostgreSQL' if engine == 'postgresql' else 'SQLite'}: per one-change mutation (a transactionId and a baseSyncId)"]
     for kind, counts in result.items():
-        lines.append(f"  {kind}: {sum(counts.values()):.1f}")
-        lines += [f"    {count:5.2f}  {sql}" for sql, count in counts.most_common()]
+        trips = f"{counts[ROUND_TRIPS]:.1f} round trips, " if engine == "postgresql" else ""
+        lines.append(f"  {kind}: {trips}{statements(counts):.1f} statements")
+        lines += [f"    {count:5.2f}  {sql}" for sql, count in counts.most_common() if sql != ROUND_TRIPS]
     return "\n".join(lines)
 
 

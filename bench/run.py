@@ -2,6 +2,7 @@
 
     python bench/run.py            # full sizes: seven to ten minutes on two cores, and about three more for row 11
     python bench/run.py --smoke    # tiny sizes, to prove the script works (the tests run this)
+    python bench/run.py --only mutations [--smoke]   # rows 1a, 2 and 7 alone: writes on SQLite and PostgreSQL, about four minutes
 
 It starts its own servers on 127.0.0.1 under the configuration docs/production.md gives
 for production (gunicorn, 4 gevent workers, gunicorn.conf.py), drives every request-rate row
@@ -31,6 +32,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import psycopg
 from sqlalchemy.engine import make_url
@@ -47,11 +49,12 @@ CONNECTIONS = 16
 # Each request-rate figure is the median of `rounds` runs of `seconds`, taken turn about with its ceiling.
 FULL = dict(seconds=3, rounds=6, history=(1_000, 1_000_000), todos=100_000, latency_samples=1_000, raw_transactions=5_000,
             connected=(1_000, 5_000, 10_000), connected_seconds=60, fair_seconds=30, fair_tries=3, fan_out_polls=1_000,
-            compaction="FULL")  # bench/compaction.py's sizes: a 1,000,000-action log
+            compaction="FULL", round_trip_mutations=50)  # bench/compaction.py's sizes: a 1,000,000-action log
 SMOKE = dict(seconds=1, rounds=1, history=(1_000, 5_000), todos=2_000, latency_samples=30, raw_transactions=200,
              connected=(3,), connected_seconds=2,  # 3: fewer than a worker's threads, which held polls can exhaust today
-             fair_seconds=2, fair_tries=1, fan_out_polls=20, compaction="SMOKE")  # a 20,000-action log
+             fair_seconds=2, fair_tries=1, fan_out_polls=20, compaction="SMOKE", round_trip_mutations=3)  # a 20,000-action log
 GROUPS = 100  # for the history rows: a user in all of them, and one in just group:g0
+RETRIED = "write transaction retried"  # the app's WARNING, in its server's log, for each write transaction it retries
 
 
 # --- Databases ----------------------------------------------------------------
@@ -170,8 +173,16 @@ def head_of(path: str) -> int:
 class Rate:
     per_second: float
     requests: int
-    failed: int
+    failed: int  # answered neither 2xx nor 3xx (503 aside, when counted), or lost to a socket error
     cpu_us: float = 0.0  # CPU time of the server's workers (user + system) per request
+    unavailable: int = 0  # answered 503 (busy: the client retries later), counted by bench/mutate.lua
+    retries: int = 0  # write transactions the server retried, from its log
+    database_cpu_us: float | None = None  # PostgreSQL's own processes' CPU per request, when it runs on this machine
+
+    @property
+    def done_per_second(self) -> float:
+        """The requests answered 2xx or 3xx a second: of mutations, those written."""
+        return self.per_second * (self.requests - self.failed - self.unavailable) / self.requests if self.requests else 0.0
 
 
 def wrk(server: Gunicorn, path: str, seconds: float, token: str | None = None, script: str | None = None, args: list[str] = (),
@@ -185,16 +196,27 @@ def wrk(server: Gunicorn, path: str, seconds: float, token: str | None = None, s
         command += ["--header", f"Authorization: Bearer {token}", "--header", "Content-Type: application/json"]
     if script:
         command += ["--script", str(ROOT / "bench" / script)]
-    workers = workers_of(server)
+    workers, on_postgres = workers_of(server), server.database_url.startswith("postgresql")
+    log_start = server.log_path.stat().st_size
+    database_before = postgres_cpu_seconds() if on_postgres else {}
     cpu_before = sum(map(cpu_seconds, workers))
     output = subprocess.run([*command, server.url + path, *(["--", *args] if args else [])], capture_output=True, text=True, check=True).stdout
     spent = sum(map(cpu_seconds, workers)) - cpu_before
-    failed = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", output))
+    database_after = postgres_cpu_seconds() if on_postgres else {}
+    with open(server.log_path, "rb") as log:
+        log.seek(log_start)
+        retries = log.read().decode(errors="replace").count(RETRIED)
+    unavailable = sum(int(n) for n in re.findall(r"^Status 503: (\d+)$", output, re.M))
+    failed = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", output)) - unavailable
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
     if errors:
         failed += sum(map(int, errors.groups()))
     requests = int(re.search(r"(\d+) requests in", output)[1])
-    return Rate(float(re.search(r"Requests/sec:\s+([\d.]+)", output)[1]), requests, failed, spent / requests * 1e6 if requests else 0.0)
+    us_each = 1e6 / requests if requests else 0.0
+    # A process started during the run counts whole; one that ended during it is lost (a backend that lived less than the run).
+    database_spent = sum(after - database_before.get(pid, 0.0) for pid, after in database_after.items())
+    return Rate(float(re.search(r"Requests/sec:\s+([\d.]+)", output)[1]), requests, failed, spent * us_each, unavailable, retries,
+                database_spent * us_each if database_after else None)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -202,6 +224,20 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def postgres_cpu_seconds() -> dict[int, float]:
+    """CPU time of every PostgreSQL process on this machine (backends, WAL writer, checkpointer...), by pid:
+    whatever else uses the server meanwhile counts too."""
+    seconds = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/comm") as comm:
+                if comm.read().strip() == "postgres":
+                    seconds[int(pid)] = cpu_seconds(int(pid))
+        except OSError:  # it ended meanwhile
+            pass
+    return seconds
 
 
 class Client:
@@ -334,7 +370,9 @@ def propagation(poll_url: str, write_url: str, token: str, write_token: str, sam
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds long: only proves the script works")
+    parser.add_argument("--only", choices=["mutations"], help="mutations: rows 1a, 2 and 7 alone (writes on SQLite and PostgreSQL)")
     options = parser.parse_args()
+    everything = options.only is None
     size = SMOKE if options.smoke else FULL
     if shutil.which("wrk") is None:
         sys.exit("The benchmark needs wrk: apt-get install wrk")
@@ -354,10 +392,11 @@ def main() -> None:
     rows: list[tuple[str, str, str, str, str, str]] = []
     postgres = None
     try:
-        progress("ceilings: the no-op endpoint and raw sqlite3")
+        progress("ceilings: the no-op endpoint" + (" and raw sqlite3" if everything else ""))
         noop = serve("sqlite://", "noop", app="bench.noop_app:app")
-        noop_trips = round_trips(noop.url, 1000 if not options.smoke else 50)
-        raw_rate = raw_sqlite_transactions(directory, size["raw_transactions"])
+        if everything:
+            noop_trips = round_trips(noop.url, 1000 if not options.smoke else 50)
+            raw_rate = raw_sqlite_transactions(directory, size["raw_transactions"])
         ceilings: list[Rate] = []
 
         def against_noop(measure) -> tuple[Rate, float]:
@@ -368,95 +407,98 @@ def main() -> None:
                 pairs.append((measure(), ceilings[-1]))
             return merged([rate for rate, _ in pairs]), statistics.median(rate.per_second / ceiling.per_second for rate, ceiling in pairs)
 
-        progress("floors: the token check alone, and a mutation checked but not written")
         url, path, tokens = new_database(directory, "main")
-        floor_server = serve(url, "floor", app="bench.floor_app:app")
-        auth_floor, auth_ratio = against_noop(lambda: wrk(floor_server, "/floor/auth", size["seconds"], tokens["typical"]))
-        validate_floor, validate_ratio = against_noop(
-            lambda: wrk(floor_server, "/floor/validate", size["seconds"], tokens["typical"], "mutate.lua", [f"floor{time.monotonic_ns()}", "/floor/validate"])
-        )
-        floor_server.stop()
+        if everything:
+            progress("floors: the token check alone, and a mutation checked but not written")
+            floor_server = serve(url, "floor", app="bench.floor_app:app")
+            auth_floor, auth_ratio = against_noop(lambda: wrk(floor_server, "/floor/auth", size["seconds"], tokens["typical"]))
+            validate_floor, validate_ratio = against_noop(
+                lambda: wrk(floor_server, "/floor/validate", size["seconds"], tokens["typical"], "mutate.lua", [f"floor{time.monotonic_ns()}", "/floor/validate"])
+            )
+            floor_server.stop()
 
-        progress("POST /mutate and GET /sync")
+        progress("POST /mutate and GET /sync" if everything else "POST /mutate")
         app_server = serve(url, "main")
         mutate, ratio = against_noop(lambda: wrk(app_server, "/mutate", size["seconds"], tokens["typical"], "mutate.lua", [f"run{time.monotonic_ns()}"]))
-        rows.append(("2", f"POST /mutate, one-change create, {CONNECTIONS} clients", measured(mutate, "tx/s"), "1a",
-                     f"{ratio:.2f} (of 1b: {mutate.per_second / raw_rate:.2f}; of 1d: {mutate.per_second / validate_floor.per_second:.2f})",
+        of_floors = f" (of 1b: {mutate.per_second / raw_rate:.2f}; of 1d: {mutate.per_second / validate_floor.per_second:.2f})" if everything else ""
+        rows.append(("2", f"POST /mutate, one-change create, {CONNECTIONS} clients", measured(mutate, "tx/s"), "1a", f"{ratio:.2f}{of_floors}",
                      verdict(ratio >= 0.5, "≥ 0.5")))
-        head = head_of(path)
-        empty, ratio = against_noop(lambda: wrk(app_server, f"/sync?since={head}", size["seconds"], tokens["typical"]))
-        rows.append(("3a", "GET /sync, nothing new", measured(empty, "req/s"), "1a",
-                     f"{ratio:.2f} (of 1c: {empty.per_second / auth_floor.per_second:.2f})", verdict(ratio >= 0.7, "≥ 0.7")))
-        page, ratio = against_noop(lambda: wrk(app_server, f"/sync?since={head - 100}", size["seconds"], tokens["typical"]))
-        rows.append(("3b", "GET /sync, a 100-action page", measured(page, "req/s"), "1a", f"{ratio:.2f}", verdict(ratio >= 0.3, "≥ 0.3")))
+        if everything:
+            head = head_of(path)
+            empty, ratio = against_noop(lambda: wrk(app_server, f"/sync?since={head}", size["seconds"], tokens["typical"]))
+            rows.append(("3a", "GET /sync, nothing new", measured(empty, "req/s"), "1a",
+                         f"{ratio:.2f} (of 1c: {empty.per_second / auth_floor.per_second:.2f})", verdict(ratio >= 0.7, "≥ 0.7")))
+            page, ratio = against_noop(lambda: wrk(app_server, f"/sync?since={head - 100}", size["seconds"], tokens["typical"]))
+            rows.append(("3b", "GET /sync, a 100-action page", measured(page, "req/s"), "1a", f"{ratio:.2f}", verdict(ratio >= 0.3, "≥ 0.3")))
         app_server.stop()
-        rows[:0] = [
-            ("1a", "No-op JSON endpoint (ceiling)", measured(merged(ceilings), "req/s"), "", "", ""),
-            ("1b", "Raw sqlite3: one mutation's writes per transaction (ceiling)", f"{raw_rate:,.0f} tx/s", "", "", ""),
-            ("1c", "Floor of a poll: the token check alone (`bench/floor_app.py`)", measured(auth_floor, "req/s"),
-             "1a", f"{auth_ratio:.2f}", ""),
-            ("1d", "Floor of a mutation: checked (token, JSON, schema, fingerprint), not written", measured(validate_floor, "req/s"),
-             "1a", f"{validate_ratio:.2f}", ""),
-        ]
+        rows.insert(0, ("1a", "No-op JSON endpoint (ceiling)", measured(merged(ceilings), "req/s"), "", "", ""))
+        if everything:
+            rows[1:1] = [
+                ("1b", "Raw sqlite3: one mutation's writes per transaction (ceiling)", f"{raw_rate:,.0f} tx/s", "", "", ""),
+                ("1c", "Floor of a poll: the token check alone (`bench/floor_app.py`)", measured(auth_floor, "req/s"),
+                 "1a", f"{auth_ratio:.2f}", ""),
+                ("1d", "Floor of a mutation: checked (token, JSON, schema, fingerprint), not written", measured(validate_floor, "req/s"),
+                 "1a", f"{validate_ratio:.2f}", ""),
+            ]
 
-        progress("delta cost versus history")
-        history = {}
-        for actions in size["history"]:
-            url, path, tokens = new_database(directory, f"history{actions}")
-            add_history(path, actions)
-            history[actions] = (serve(url, f"history{actions}"), head_of(path), tokens)
-        small, large = size["history"]
-        for n, (who, since_back, token) in enumerate([("a user in all 100 groups", 100, "every"), ("a user in 1 of 100 groups", 1000, "one")]):
-            rates = {actions: [] for actions in history}
-            for _ in range(size["rounds"]):  # turn about, as for the ratios to the no-op endpoint
-                for actions, (server, head, tokens) in history.items():
-                    rates[actions].append(wrk(server, f"/sync?since={head - since_back}", size["seconds"], tokens[token]))
-            cost = statistics.median(s.per_second / l.per_second for s, l in zip(rates[small], rates[large]))  # time per request, large over small
-            large_rate, small_rate = merged(rates[large]), merged(rates[small])
-            rows.append((f"4{'ab'[n]}", f"GET /sync, a 100-action page, {who}: {large:,} vs {small:,} actions of history",
-                         f"{large_rate.per_second:,.0f} vs {small_rate.per_second:,.0f} req/s" + failures(large_rate, small_rate),
-                         f"{small:,}-action log", f"cost × {cost:.2f}", verdict(cost <= 1.2, "≤ 1.2")))
-        for server, _, _ in history.values():
+            progress("delta cost versus history")
+            history = {}
+            for actions in size["history"]:
+                url, path, tokens = new_database(directory, f"history{actions}")
+                add_history(path, actions)
+                history[actions] = (serve(url, f"history{actions}"), head_of(path), tokens)
+            small, large = size["history"]
+            for n, (who, since_back, token) in enumerate([("a user in all 100 groups", 100, "every"), ("a user in 1 of 100 groups", 1000, "one")]):
+                rates = {actions: [] for actions in history}
+                for _ in range(size["rounds"]):  # turn about, as for the ratios to the no-op endpoint
+                    for actions, (server, head, tokens) in history.items():
+                        rates[actions].append(wrk(server, f"/sync?since={head - since_back}", size["seconds"], tokens[token]))
+                cost = statistics.median(s.per_second / l.per_second for s, l in zip(rates[small], rates[large]))  # time per request, large over small
+                large_rate, small_rate = merged(rates[large]), merged(rates[small])
+                rows.append((f"4{'ab'[n]}", f"GET /sync, a 100-action page, {who}: {large:,} vs {small:,} actions of history",
+                             f"{large_rate.per_second:,.0f} vs {small_rate.per_second:,.0f} req/s" + failures(large_rate, small_rate),
+                             f"{small:,}-action log", f"cost × {cost:.2f}", verdict(cost <= 1.2, "≤ 1.2")))
+            for server, _, _ in history.values():
+                server.stop()
+
+            progress("eager bootstrap")
+            url, path, tokens = new_database(directory, "bootstrap")
+            add_todos(path, size["todos"])
+            server = serve(url, "bootstrap")
+            before = {pid: memory_kib(pid, "VmRSS") for pid in workers_of(server)}
+            client, times = Client(server.url, tokens["every"]), []
+            for _ in range(3):
+                started = time.perf_counter()
+                status, body = client.request("GET", "/bootstrap?type=eager&models=Todo")
+                times.append(time.perf_counter() - started)
+                assert status == 200 and len(json.loads(body)["bootstrap"]["Todo"]) == size["todos"]
+            growth_mib = max(memory_kib(pid, "VmHWM") - before[pid] for pid in before) / 1024
+            rows_per_second = size["todos"] / statistics.median(times)
+            ceiling = raw_bootstrap_rows(path)
+            rows.append(("5a", f"Eager bootstrap of {size['todos']:,} Todos", f"{rows_per_second:,.0f} rows/s",
+                         f"sqlite3 + json: {ceiling:,.0f} rows/s", f"{rows_per_second / ceiling:.2f}", verdict(rows_per_second >= 100_000, "≥ 100,000 rows/s")))
+            rows.append(("5b", "… the server process's peak memory growth", f"{growth_mib:.0f} MiB", "", "", verdict(growth_mib <= 64, "≤ 64 MiB")))
             server.stop()
 
-        progress("eager bootstrap")
-        url, path, tokens = new_database(directory, "bootstrap")
-        add_todos(path, size["todos"])
-        server = serve(url, "bootstrap")
-        before = {pid: memory_kib(pid, "VmRSS") for pid in workers_of(server)}
-        client, times = Client(server.url, tokens["every"]), []
-        for _ in range(3):
-            started = time.perf_counter()
-            status, body = client.request("GET", "/bootstrap?type=eager&models=Todo")
-            times.append(time.perf_counter() - started)
-            assert status == 200 and len(json.loads(body)["bootstrap"]["Todo"]) == size["todos"]
-        growth_mib = max(memory_kib(pid, "VmHWM") - before[pid] for pid in before) / 1024
-        rows_per_second = size["todos"] / statistics.median(times)
-        ceiling = raw_bootstrap_rows(path)
-        rows.append(("5a", f"Eager bootstrap of {size['todos']:,} Todos", f"{rows_per_second:,.0f} rows/s",
-                     f"sqlite3 + json: {ceiling:,.0f} rows/s", f"{rows_per_second / ceiling:.2f}", verdict(rows_per_second >= 100_000, "≥ 100,000 rows/s")))
-        rows.append(("5b", "… the server process's peak memory growth", f"{growth_mib:.0f} MiB", "", "", verdict(growth_mib <= 64, "≤ 64 MiB")))
-        server.stop()
-
-        progress("propagation latency")
-        url, path, tokens = new_database(directory, "latency")
-        poll_server, write_server = serve(url, "latency-poll"), serve(url, "latency-write")
-        delays = propagation(poll_server.url, write_server.url, tokens["every"], tokens["typical"], size["latency_samples"])
-        p50, p99 = percentile(delays, 50) * 1000, percentile(delays, 99) * 1000
-        trip50, trip99 = percentile(noop_trips, 50) * 1000, percentile(noop_trips, 99) * 1000
-        rows.append(("6", f"Mutation's 200 → long-polling client has the action (other process), {len(delays):,} mutations",
-                     f"p50 {p50:.1f} ms, p99 {p99:.1f} ms", f"no-op round trip: p50 {trip50:.1f} ms, p99 {trip99:.1f} ms", "",
-                     verdict(p50 <= 20 and p99 <= 100, "p50 ≤ 20 ms, p99 ≤ 100 ms")))
+            progress("propagation latency")
+            url, path, tokens = new_database(directory, "latency")
+            poll_server, write_server = serve(url, "latency-poll"), serve(url, "latency-write")
+            delays = propagation(poll_server.url, write_server.url, tokens["every"], tokens["typical"], size["latency_samples"])
+            p50, p99 = percentile(delays, 50) * 1000, percentile(delays, 99) * 1000
+            trip50, trip99 = percentile(noop_trips, 50) * 1000, percentile(noop_trips, 99) * 1000
+            rows.append(("6", f"Mutation's 200 → long-polling client has the action (other process), {len(delays):,} mutations",
+                         f"p50 {p50:.1f} ms, p99 {p99:.1f} ms", f"no-op round trip: p50 {trip50:.1f} ms, p99 {trip99:.1f} ms", "",
+                         verdict(p50 <= 20 and p99 <= 100, "p50 ≤ 20 ms, p99 ≤ 100 ms")))
         postgres = os.environ.get("BENCH_DATABASE_URL") or os.environ.get("TEST_DATABASE_URL")
         if postgres:
-            progress("PostgreSQL: mutations with 1, 2 and 4 app processes, and without the log lock")
-            rows += postgres_rows(postgres, size, serve)
+            rows += mutation_rows(postgres, size, directory, serve, progress)
         else:
             progress("no PostgreSQL rows: set BENCH_DATABASE_URL (or TEST_DATABASE_URL) to a postgresql+psycopg:// URL")
-        rows += connected_rows(size, directory, progress)
-        rows += fair_writes_rows(size, directory, progress)
-        rows += fan_out_rows(size, directory, progress)
-        rows += compaction_rows(size, directory, progress, postgres)
+        if everything:
+            rows += connected_rows(size, directory, progress)
+            rows += fair_writes_rows(size, directory, progress)
+            rows += fan_out_rows(size, directory, progress)
+            rows += compaction_rows(size, directory, progress, postgres)
     finally:
         for server in servers:
             server.stop()
@@ -467,21 +509,36 @@ def main() -> None:
     print(table(rows, options.smoke))
 
 
-def postgres_rows(base_url: str, size: dict, serve) -> list[tuple[str, ...]]:
-    """Row 7: mutations on PostgreSQL, by the number of app processes (gunicorn
-    workers sharing the database), and the cost of the log lock that keeps
-    polls gap-free, against the naive design (bench/naive_app.py), turn about."""
-    rows, rates = [], {}
+def mutation_rows(base_url: str, size: dict, directory: Path, serve, progress) -> list[tuple[str, ...]]:
+    """Row 7 (issue 18): one-change mutations on SQLite and on PostgreSQL with 1, 2 and 4 app processes (gunicorn
+    workers sharing the database), turn about in every round, since only figures measured together compare on shared
+    cores; and the cost of the log lock that keeps polls gap-free, against the naive design (bench/naive_app.py)."""
+    progress(f"mutations: SQLite with {WORKERS} app processes and PostgreSQL with 1, 2 and 4, turn about")
+    url, _, tokens = new_database(directory, "mutations")
+    servers = {("sqlite", WORKERS): (serve(url, "mutations-sqlite"), tokens)}
+    urls = {}
     for workers in (1, 2, 4):
-        url, tokens = new_postgres_database(base_url, f"w{workers}")
-        server = serve(url, f"postgres-{workers}", workers=workers)
-        runs = [wrk(server, "/mutate", size["seconds"], tokens["typical"], "mutate.lua", [f"pg{workers}-{n}-{time.monotonic_ns()}"]) for n in range(size["rounds"])]
+        urls[workers], tokens = new_postgres_database(base_url, f"w{workers}")
+        servers["postgresql", workers] = (serve(urls[workers], f"postgres-{workers}", workers=workers), tokens)
+    runs: dict[tuple[str, int], list[Rate]] = {setup: [] for setup in servers}
+    for n in range(size["rounds"]):
+        for (engine, workers), (server, tokens) in servers.items():
+            runs[engine, workers].append(
+                wrk(server, "/mutate", size["seconds"], tokens["typical"], "mutate.lua", [f"{engine}{workers}-{n}-{time.monotonic_ns()}"])
+            )
+    for server, _ in servers.values():
         server.stop()
-        rates[workers] = merged(runs)
-    for label, workers in zip("abc", (1, 2, 4)):
-        rate = rates[workers]
-        rows.append((f"7{label}", f"PostgreSQL: POST /mutate, one-change create, {CONNECTIONS} clients, {workers} app process{'es' if workers > 1 else ''}",
-                     measured(rate, "tx/s"), "7a", f"{rate.per_second / rates[1].per_second:.2f}" if rates[1].per_second else "", ""))
+    trips = round_trips_per_create(base_url, size["round_trip_mutations"])
+    sqlite, postgres = merged(runs["sqlite", WORKERS]), {workers: merged(runs["postgresql", workers]) for workers in (1, 2, 4)}
+
+    rows = [("7", f"SQLite: POST /mutate, one-change create, {CONNECTIONS} clients, {processes(WORKERS)} (turn about with 7a to 7c)",
+             mutation_figures(sqlite, f"{trips['sqlite']:.1f} statements"), "", "", "")]
+    for letter, workers in zip("abc", (1, 2, 4)):
+        rows.append((f"7{letter}", f"PostgreSQL: POST /mutate, one-change create, {CONNECTIONS} clients, {processes(workers)}",
+                     mutation_figures(postgres[workers], f"{trips['postgresql']:.1f} round trips") + f"; {per_turn(urls[workers])}", "7",
+                     f"{median_ratio(runs['postgresql', workers], runs['sqlite', WORKERS]):.2f}", ""))
+
+    progress("PostgreSQL: mutations with and without the log lock")
     url, tokens = new_postgres_database(base_url, "lock")
     locked, naive = serve(url, "postgres-locked", workers=4), serve(url, "postgres-naive", workers=4, app="bench.naive_app:app")
     pairs = []
@@ -495,7 +552,66 @@ def postgres_rows(base_url: str, size: dict, serve) -> list[tuple[str, ...]]:
     cost = statistics.median(b.per_second / a.per_second if a.per_second else float("inf") for a, b in pairs)
     rows.append(("7d", "PostgreSQL: the same, 4 app processes, with the log lock vs without it (the naive design, which can skip actions)",
                  f"{with_lock.per_second:,.0f} vs {without.per_second:,.0f} tx/s" + failures(with_lock, without), "without the lock", f"cost × {cost:.2f}", ""))
+
+    versus_sqlite = median_ratio(runs["postgresql", 4], runs["sqlite", WORKERS])
+    rows.append(("7e", f"PostgreSQL over SQLite, {processes(4)} each (7c / 7)",
+                 f"{postgres[4].done_per_second:,.0f} vs {sqlite.done_per_second:,.0f} mutations/s", "7", f"{versus_sqlite:.2f}",
+                 verdict(versus_sqlite >= 0.8, "≥ 0.8")))
+    busy = ", ".join(f"{busy_cores(postgres[workers])} at {processes(workers)}" for workers in (1, 4))
+    scaling = median_ratio(runs["postgresql", 4], runs["postgresql", 1])
+    rows.append(("7f", f"PostgreSQL: {processes(4)} over 1 (7c / 7a)",
+                 f"{postgres[4].done_per_second:,.0f} vs {postgres[1].done_per_second:,.0f} mutations/s; "
+                 f"cores busy, app + PostgreSQL, of {os.cpu_count()}: {busy}", "7a", f"{scaling:.2f}", verdict(scaling >= 1.3, "≥ 1.3 where the cores allow")))
+    retries, unavailable = [retries_per_100(postgres[w]) for w in (1, 2, 4)], [postgres[w].unavailable for w in (1, 2, 4)]
+    rows.append(("7g", f"PostgreSQL: write transactions retried (a serialization failure, a deadlock) and 503s at {CONNECTIONS} clients, 7a to 7c",
+                 f"{', '.join(f'{r:.2f}' for r in retries)} retries per 100 mutations; {', '.join(f'{u:,}' for u in unavailable)} answered 503",
+                 "", "", verdict(max(retries) < 1 and not any(unavailable), "< 1 retry per 100 mutations, no 503")))
     return rows
+
+
+def round_trips_per_create(postgres: str, mutations: int) -> dict[str, float]:
+    """By engine, the round trips of a one-change create (on SQLite, statements: calls into the library), counted in this
+    process by bench/round_trips.py."""
+    from bench.round_trips import per_mutation  # it patches psycopg to count: imported only when it is used
+
+    with mock.patch.dict(os.environ, {"TEST_DATABASE_URL": postgres}):  # where it makes its schema, as its --postgres does
+        return {engine: per_mutation(engine, mutations)["create"] for engine in ("sqlite", "postgresql")}
+
+
+def per_turn(url: str) -> str:
+    """How many mutations each turn of the log carried: the sync actions a transaction appended share its xmin."""
+    with psycopg.connect(libpq(url), autocommit=True) as connection:
+        actions, turns = connection.execute("SELECT count(*), count(DISTINCT xmin::text) FROM sync_action WHERE model_name = 'Todo'").fetchone()
+    return f"{actions / turns:.1f} mutations per turn of the log (per commit)" if turns else "no turn of the log"
+
+
+def mutation_figures(rate: Rate, trips: str) -> str:
+    """Issue 18's figures for one engine and number of app processes."""
+    database = "" if rate.database_cpu_us is None else f", PostgreSQL {rate.database_cpu_us:,.0f} µs"
+    other = f" ({rate.failed:,} failed otherwise)" if rate.failed else ""
+    return (f"{rate.done_per_second:,.0f} mutations/s; CPU per mutation: app {rate.cpu_us:,.0f} µs{database}; {trips} each; "
+            f"{retries_per_100(rate):.2f} retries per 100 mutations; {rate.unavailable:,} of {rate.requests:,} answered 503{other}")
+
+
+def retries_per_100(rate: Rate) -> float:
+    return 100 * rate.retries / rate.requests if rate.requests else 0.0
+
+
+def median_ratio(rates: list[Rate], references: list[Rate]) -> float:
+    """The median, over rounds measured turn about, of a rate over its reference's in the same round."""
+    return statistics.median(
+        rate.done_per_second / reference.done_per_second if reference.done_per_second else float("nan") for rate, reference in zip(rates, references)
+    )
+
+
+def busy_cores(rate: Rate) -> str:
+    """What the cores allowed: those the app's processes and PostgreSQL's kept busy (CPU per mutation × mutations/s)."""
+    database = "?" if rate.database_cpu_us is None else f"{rate.database_cpu_us * rate.per_second / 1e6:.2f}"
+    return f"{rate.cpu_us * rate.per_second / 1e6:.2f} + {database}"
+
+
+def processes(workers: int) -> str:
+    return f"{workers} app process{'es' if workers > 1 else ''}"
 
 
 def connected_rows(size: dict, directory: Path, progress) -> list[tuple[str, ...]]:
@@ -568,8 +684,10 @@ def compaction_rows(size: dict, directory: Path, progress, postgres: str | None)
 
 
 def merged(rates: list[Rate]) -> Rate:
+    database = [rate.database_cpu_us for rate in rates]
     return Rate(statistics.median(rate.per_second for rate in rates), sum(r.requests for r in rates), sum(r.failed for r in rates),
-                statistics.median(rate.cpu_us for rate in rates))
+                statistics.median(rate.cpu_us for rate in rates), sum(r.unavailable for r in rates), sum(r.retries for r in rates),
+                None if None in database else statistics.median(database))
 
 
 def measured(rate: Rate, unit: str) -> str:
@@ -578,7 +696,7 @@ def measured(rate: Rate, unit: str) -> str:
 
 
 def failures(*rates: Rate) -> str:
-    failed = sum(rate.failed for rate in rates)
+    failed = sum(rate.failed + rate.unavailable for rate in rates)
     return f" ({failed:,} of {sum(rate.requests for rate in rates):,} failed)" if failed else ""
 
 
