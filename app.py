@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import itertools
 import json
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from flask import Blueprint, Flask, current_app, g, request
@@ -270,9 +269,10 @@ def fingerprint(changes: Any) -> str:
 
 
 def in_write_transaction(work: Callable[[DbConnection], T], changes: int = 1) -> T:
-    """BEGIN IMMEDIATE; work(db_connection); COMMIT; and return what `work` returned.
+    """BEGIN IMMEDIATE; work(db_connection); COMMIT; and return what `work` returned. A `work` that yields (apply_transaction)
+    is sent, for what it yields, the last syncId append_to_log gave it, and returns its result then.
 
-    That is all it is, in essence (SERIALIZABLE on PostgreSQL), and the only way anything is written.
+    That is all it is, in essence (READ COMMITTED with row locks on PostgreSQL), and the only way anything is written.
     machinery/writer.py runs it faster: writes arriving together share one transaction and its
     fsync (group commit), each in a savepoint of its own, unless it has many `changes` and others
     need not wait for it; a transaction the database is too busy for is retried, then refused with 503 type network."""
@@ -283,7 +283,6 @@ def in_write_transaction(work: Callable[[DbConnection], T], changes: int = 1) ->
 class Caller:
     user_id: int
     sync_groups: set[str]  # as they stand at this point of the transaction
-    linked: set[str] = field(default_factory=set)  # sync groups this transaction's actions go to
     joined: bool = False  # it created a Group, so joined it
 
 
@@ -299,26 +298,27 @@ class PendingAction:
 
 
 def apply_transaction(db_connection: DbConnection, changes: list[Change], user_id: int, transaction_id: str | None,
-                      changes_sha256: str, token_sha256: str | None = None, base_sync_id: int | None = None):
+                      changes_sha256: str, token_sha256: str | None = None, base_sync_id: int | None = None
+                      ) -> Generator[list[PendingAction], int, int]:
     """Inside one write transaction, as `user_id`, whose token a request gives (a command, such as seed, gives none).
-    In two steps, so that group commit can append many transactions' sync actions in one turn of the log's lock
+    In two steps, so that group commit appends many transactions' sync actions in one turn of the log's lock
     (machinery/writer.py; `applied` runs one alone): it checks and applies each change, yields one sync action per
-    change, and is sent the last syncId the log gave them. A retried transactionId is answered, not applied again."""
+    change, and is sent the last syncId the log gave them. A retried transactionId is answered, not applied again.
+    Each read that a write depends on holds what it read until COMMIT: docs/design.md, "Writes on PostgreSQL"."""
     # 1. Claim the transactionId (its record's key): a retry of it in flight elsewhere waits here until that one ends.
-    claim = "INSERT INTO client_transaction (user_id, transaction_id, changes_sha256, last_sync_id, base_sync_id) " \
-            "VALUES (?, ?, ?, 0, ?) ON CONFLICT DO NOTHING RETURNING 1"  # its last_sync_id is set in step 5
-    claimed = transaction_id is None or db_connection.execute(claim, (user_id, transaction_id, changes_sha256, base_sync_id))
-    # 2. Read after the claim (so after a compaction that pruned its record), each sent now and read below: the log's
-    # bounds, the caller's token and groups. The user's row is locked until COMMIT, so a revocation is wholly before or after.
+    claim = None if transaction_id is None else db_connection.execute(
+        f"INSERT INTO client_transaction (user_id, transaction_id, changes_sha256, last_sync_id, base_sync_id) VALUES (?, ?, ?, "
+        f"{IN_FLIGHT}, ?) ON CONFLICT DO NOTHING RETURNING 1", (user_id, transaction_id, changes_sha256, base_sync_id))
+    # 2. In statements after the claim (before it, a retry whose record compact-log prunes meanwhile would apply again),
+    # sent now and read below: the log's bounds, the caller's token and groups, its user's row locked until COMMIT.
     bounds = db_connection.execute("SELECT (SELECT after_sync_id FROM sync_log_start), (SELECT reason FROM sync_log_start), "
                                    "(SELECT max(id) FROM sync_action)")
     joining = any(change.action == "create" and change.model.owns_sync_group for change in changes)
     caller = Caller(user_id, set(caller_sync_groups(db_connection, user_id, token_sha256, row_lock("caller_joining" if joining else "caller"))))
-    if claimed is not True and claimed.fetchone() is None:
+    if claim is not None and claim.fetchone() is None:  # taken: by a committed transaction, or one in this batch
         return answer_retry(db_connection, user_id, transaction_id, changes_sha256)
     start, why, newest = bounds.fetchone()
-    if base_sync_id is not None and base_sync_id < (start or 0):
-        # Its record, if it was committed, went with the log: refused, so that it can never be applied twice.
+    if base_sync_id is not None and base_sync_id < (start or 0):  # its record, if it committed, went with the log
         raise bootstrap_again(why or "reset", f"baseSyncId={base_sync_id} is older than the log, which starts after {start}.")
     if base_sync_id is not None and base_sync_id > (newest or start or 0):  # a syncId this database never gave: another one's
         raise bootstrap_again("reset", f"baseSyncId={base_sync_id} is not a syncId of this database.")
@@ -328,7 +328,7 @@ def apply_transaction(db_connection: DbConnection, changes: list[Change], user_i
     # 4. The log: whoever runs this transaction appends `pending` (append_to_log) and sends back the last syncId.
     last_sync_id = yield pending
     # 5. What remains holds the log's lock: nothing here may refuse.
-    if caller.joined:  # once, at the end
+    if caller.joined:
         membership_changed(db_connection, user_id)
     if transaction_id is not None:
         db_connection.execute("UPDATE client_transaction SET last_sync_id = ? WHERE user_id = ? AND transaction_id = ?",
@@ -336,26 +336,27 @@ def apply_transaction(db_connection: DbConnection, changes: list[Change], user_i
     return last_sync_id
 
 
+IN_FLIGHT = 0  # a claimed transactionId's last_sync_id until its transaction appends its actions
+
+
 def answer_retry(db_connection: DbConnection, user_id: int, transaction_id: str, changes_sha256: str) -> int:
     committed = "SELECT changes_sha256, last_sync_id FROM client_transaction WHERE user_id = ? AND transaction_id = ?"
-    done_sha256, last_sync_id = db_connection.execute(committed, (user_id, transaction_id)).fetchone()
+    if (record := db_connection.execute(committed, (user_id, transaction_id)).fetchone()) is None:  # pruned since the claim
+        raise bootstrap_again("compacted", f"transactionId {transaction_id!r} was committed, and its record went with the log.")
+    done_sha256, last_sync_id = record
     if done_sha256 != changes_sha256:
         raise ApiError(409, "transaction_id_reused", f"transactionId {transaction_id!r} was already committed with different changes.")
-    if last_sync_id == 0:  # claimed by a write of this very transaction (group commit), not yet appended
+    if last_sync_id == IN_FLIGHT:  # claimed by a write of this very transaction (group commit), not yet appended
         raise database_busy(f"transactionId {transaction_id!r} is being committed by another request; retry shortly.")
     return last_sync_id
 
 
-def applied(db_connection: DbConnection, transaction) -> int:
+def applied(db_connection: DbConnection, transaction: Generator[list[PendingAction], int, int]) -> int:
     """Runs apply_transaction's two steps at once, for a command or a test: the transaction's own turn of the log."""
     try:
-        pending = next(transaction)
-    except StopIteration as answered:
-        return answered.value
-    try:
-        transaction.send(append_to_log(db_connection, [pending])[0])
-    except StopIteration as finished:
-        return finished.value
+        transaction.send(append_to_log(db_connection, [next(transaction)])[0])
+    except StopIteration as done:  # answered from its record, or finished
+        return done.value
     raise RuntimeError("apply_transaction yields once")
 
 
@@ -375,9 +376,6 @@ def apply_change(db_connection: DbConnection, index: int, change: Change, caller
         row = change.data | ({model.writers.owner: caller.user_id} if model.writers.owner else {})  # tied to its writer
         sync_groups = model.sync_groups.groups_of(row)
         if model.owns_sync_group:
-            if caller.linked.intersection(sync_groups) or has_history(db_connection, sync_groups):
-                # Its actions are still linked to the group: a new owner would receive them.
-                reject("sync_group_reused", f"{model.name} id {change.model_id!r} was used before; choose a new one.")
             if len(caller.sync_groups) > current_app.config["MAX_SYNC_GROUPS_PER_USER"]:  # `all` and the rest
                 reject("too_many_sync_groups", f"you are in {len(caller.sync_groups) - 1:,} groups, as many as MAX_SYNC_GROUPS_PER_USER allows.", 403)
             for group in sync_groups:  # whoever creates a sync group is its first member
@@ -389,9 +387,14 @@ def apply_change(db_connection: DbConnection, index: int, change: Change, caller
         written = db_connection.execute(sql.insert, model.stored(row, dialect))  # and a create of the same id elsewhere waits
         if (stored := written.fetchone()) is None:
             reject("already_exists", f"{model.name} {change.model_id!r} already exists.")
+        if model.owns_sync_group and not claim_sync_groups(db_connection, sync_groups):
+            # A deleted one's members, who keep it, would see the new one's rows, and its new members its old actions.
+            reject("sync_group_reused", f"{model.name} id {change.model_id!r} was used before; choose a new one.")
     else:
-        found = db_connection.execute(sql.select + row_lock(change.action), (change.model_id,))  # until COMMIT
-        row = None if (stored := found.fetchone()) is None else model.reader(dialect, found.description).values(stored)
+        found = db_connection.execute(select := sql.select + row_lock(change.action), (change.model_id,))  # locked until COMMIT
+        if (stored := found.fetchone()) is None and flavour().postgres:  # deleted while it waited, maybe created anew: a new read
+            stored = (found := db_connection.execute(select, (change.model_id,))).fetchone()
+        row = None if stored is None else model.reader(dialect, found.description).values(stored)
         if row is None:
             reject("does_not_exist", f"{model.name} {change.model_id!r} does not exist.")
         sync_groups = model.sync_groups.groups_of(row)
@@ -411,9 +414,8 @@ def apply_change(db_connection: DbConnection, index: int, change: Change, caller
         else:
             # A deleted Group keeps its members, so that they receive this delete.
             check_not_referenced(db_connection, model, row, reject)
-            db_connection.execute(sql.delete, (change.model_id,))
+            db_connection.execute(sql.delete, (change.model_id,)).fetchone()  # read: its error, if any, is this write's
 
-    caller.linked.update(sync_groups)
     data = None
     if change.action != "delete":
         # The row as the database stored it (RETURNING): exactly what a bootstrap reads.
@@ -435,16 +437,14 @@ def append_to_log(db_connection: DbConnection, transactions: list[list[PendingAc
     db_connection.executemany("INSERT INTO sync_action_group (sync_group, sync_action_id) VALUES (?, ?)", links)
     if flavour().postgres:
         postgres.notify_log(db_connection)  # wakes held polls on every app server (machinery/long_poll.py)
-    ends = itertools.accumulate(len(pending) for pending in transactions)
-    return [sync_ids[end - 1] for end in ends]
+    last = iter(sync_ids)
+    return [[next(last) for _ in pending][-1] for pending in transactions]  # each transaction's last: every one has an action
 
 
 def lock_log(db_connection: DbConnection) -> None:
-    """Take the log's tail until this transaction ends, so that transactions commit in the order of
-    the syncIds they take: a poller can never see syncId n+1 before n, and so never skips one. On
-    SQLite the write lock, held from BEGIN IMMEDIATE, already does. On PostgreSQL, ids from a sequence
-    are handed out at insert time but become visible at commit: A could take 10, B take 11 and
-    commit, a poller read past 11, and only then A commit 10, which that poller would never see."""
+    """Take the log's tail until COMMIT, so that transactions commit in the order of their syncIds and a poller never
+    skips one (SQLite's write lock already does). On PostgreSQL a syncId is drawn at insert and seen at commit: A takes 10,
+    B takes 11 and commits, a poller reads past 11, then A commits 10, which it never sees (docs/design.md)."""
     if flavour().postgres:
         postgres.lock_log(db_connection)
 
@@ -452,12 +452,14 @@ def lock_log(db_connection: DbConnection) -> None:
 SYNC_ACTIONS = {"create": "insert", "update": "update", "delete": "delete"}  # a change's action, as its sync action names it
 
 
-def has_history(db_connection: DbConnection, sync_groups: list[str]) -> bool:
-    """Whether actions were ever linked to one of them: links, or, once compact-log removed those, sync_group_history."""
+def claim_sync_groups(db_connection: DbConnection, sync_groups: list[str]) -> bool:
+    """Whether the sync groups are new, and now taken for good: each name is claimed in sync_group_history, whose key makes
+    a creator elsewhere wait and then find it taken, and none has links from before names were kept there."""
     listed = ", ".join("?" * len(sync_groups))
-    linked = f"""SELECT 1 FROM sync_action_group WHERE sync_group IN ({listed})
-        UNION ALL SELECT 1 FROM sync_group_history WHERE sync_group IN ({listed}) LIMIT 1"""
-    return db_connection.execute(linked, [*sync_groups, *sync_groups]).fetchone() is not None
+    claims = [db_connection.execute("INSERT INTO sync_group_history (sync_group) VALUES (?) ON CONFLICT DO NOTHING RETURNING 1",
+                                    (sync_group,)) for sync_group in sync_groups]
+    linked = db_connection.execute(f"SELECT 1 FROM sync_action_group WHERE sync_group IN ({listed}) LIMIT 1", sync_groups)
+    return all([claim.fetchone() for claim in claims]) and linked.fetchone() is None  # every claim read (SQLite)
 
 
 def check_references(db_connection: DbConnection, model: SyncedModel, row: dict, reject, user_id: int, changed: dict) -> None:
@@ -466,7 +468,9 @@ def check_references(db_connection: DbConnection, model: SyncedModel, row: dict,
              for attribute, target in model.references if attribute in changed]
     for attribute, target, found in named:
         value = row[attribute]
-        if (referenced := found.fetchone()) is None:
+        if (referenced := found.fetchone()) is None and flavour().postgres:  # deleted while it waited: see apply_change
+            referenced = db_connection.execute(target.sql.select + row_lock("reference"), (value,)).fetchone()
+        if referenced is None:
             reject("unknown_reference", f"{model.wire_name(attribute)} {value!r} does not name an existing {target.name}.")
         if attribute in model.writers.own and not target.writers.allow(dict(zip(target.columns, referenced)), user_id):
             reject("forbidden", f"{model.wire_name(attribute)} {value!r} names another user's {target.name}.", status=403)
@@ -605,11 +609,9 @@ def read_page(since: int, until: int | None, limit: int) -> dict[str, Any]:
     last = INT64[1] if until is None else until
     # The page scans at most `limit` syncIds; summed here, where integers do not overflow.
     params = {"user_id": g.user_id, "since": since, "until": min(last, since + limit), "max_bytes": current_app.config["MAX_PAGE_BYTES"]}
-    # A poll is one statement, so it reads one snapshot without BEGIN and COMMIT: where the log starts and ends,
-    # the caller's groups and token, and the page of actions they may see, as the wire's JSON. A page scans `limit`
-    # syncIds and returns those the caller may see, stopping early after MAX_PAGE_BYTES; the cursor moves past the
-    # ones it may not, so a long run of them can never make a request slow or stall a client. (Every statement hands
-    # the GIL to another thread and waits to get it back: one statement, not six, made a poll twice as fast.)
+    # One statement, so one snapshot without BEGIN: the log's bounds, the caller's groups and token, and the page as the
+    # wire's JSON. It scans `limit` syncIds, stops after MAX_PAGE_BYTES, and moves the cursor past actions the caller may
+    # not see, so a long run of them never makes a request slow (machinery/sqlite.py says why one statement).
     statement = postgres.PAGE if flavour().postgres else sqlite.PAGE  # one statement, in each engine's dialect
     start, why, head, cursor, sync_groups, actions, changes, token_sha256 = connection().execute(statement, params).fetchone()
     check_token(token_sha256, g.token_sha256)  # in the page's snapshot: see caller_sync_groups

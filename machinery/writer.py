@@ -10,8 +10,8 @@ A mutation's work comes in two steps (app.py's apply_transaction): its rows,
 then its sync actions. Every write of a batch applies its rows first; then
 the batch takes one turn of the log's lock and appends every write's actions
 at once, so the lock is held only to append and commit, never while rows wait
-for their locks. On PostgreSQL, while another app server holds the log's turn,
-the writes that queue here meanwhile join this batch before it takes its turn.
+for their locks. On PostgreSQL, if another app server holds the log's turn when
+the batch reaches it, the writes queued here by then join the batch and its turn.
 Across processes, SQLite's writers queue on a file lock (WriteLock). A
 transaction the database could not run now (SQLite busy; on PostgreSQL a
 deadlock) is retried whole, with backoff, then refused with 503 type network,
@@ -50,7 +50,7 @@ except ImportError:  # Windows: see WriteLock
 
 T = TypeVar("T")
 ALONE_OVER = 100  # changes: on PostgreSQL a larger write takes no turn in the shared transaction (Writer.run)
-MAX_BATCH = 256  # writes in one transaction, those taken in while it waits for the log included
+MAX_BATCH = 256  # writes in one transaction, those taken in before its turn of the log included
 
 
 class Writer:
@@ -90,7 +90,7 @@ class Writer:
             if write.done:  # another thread committed it
                 return write.outcome()
             self.committing = True
-            batch, self.queued = self.queued, []
+            batch, self.queued = self.queued[:MAX_BATCH], self.queued[MAX_BATCH:]
         try:
             if self.postgres:
                 self.commit(batch, connection())  # psycopg waits for the server cooperatively
@@ -129,11 +129,16 @@ class Writer:
                     write.done = True
                 return
             except Exception as error:
+                if self.postgres:  # an error read as the pipeline ended, after its ROLLBACK could be sent
+                    with contextlib.suppress(Exception):
+                        if db_connection.in_transaction:
+                            db_connection.execute("ROLLBACK")
                 if not is_retryable(error):
                     for write in batch:
                         write.fail(error)
                     return
-                self.logger.warning("write transaction retried (attempt %d of %d): %s", attempt + 1, self.retries, error)
+                if attempt < self.retries:
+                    self.logger.warning("write transaction retried (retry %d of %d): %s", attempt + 1, self.retries, error)
             if attempt < self.retries:
                 time.sleep(self.backoff_s * 2**attempt * (random.uniform(0.5, 1.5) if self.jitter else 1))
         for write in batch:

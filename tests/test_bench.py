@@ -43,7 +43,7 @@ def test_the_benchmark_measures_every_row_of_its_table():
         # starting beside busy ones once made every mutation wait for a deadlock to time out).
         rates = re.findall(r"([\d,]+(?:\.\d+)?) (?=vs |tx/s|req/s|rows/s|mutations/s)", figure)
         assert all(float(rate.replace(",", "")) > 0 for rate in rates), f"row {row} stalled: {line}"
-        # On PostgreSQL a mutation whose serializable transaction keeps conflicting is answered
+        # On PostgreSQL a mutation whose transaction keeps deadlocking is answered
         # 503 after its retries, as the protocol allows (the client retries); the row counts them.
         if row not in POSTGRES_ROWS:
             assert "failed)" not in line, f"row {row} had failed requests: {line}"

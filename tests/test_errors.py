@@ -109,7 +109,7 @@ def test_an_unexpected_failure_is_a_json_500_of_type_server(app):
 
 # How a write waits for another one is the engine's own: these hold SQLite's
 # write lock from a second connection. PostgreSQL has no such lock; its writers
-# retry serialization failures instead.
+# wait for row locks, and retry deadlocks (tests/test_postgres.py).
 HOLDS_SQLITES_WRITE_LOCK = "holds SQLite's write lock (BEGIN IMMEDIATE) from a second sqlite3 connection"
 
 

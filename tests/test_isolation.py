@@ -272,3 +272,57 @@ def test_writes_that_queue_while_another_server_holds_the_log_share_its_turn(pg_
     assert [answers[n].status_code for n in range(5)] == [200] * 5
     transactions = query(pg_app, "SELECT count(DISTINCT xmin::text), count(*) FROM sync_action WHERE id > :head", head=head)
     assert transactions == [(1, 5)]
+
+
+def test_a_row_deleted_and_created_again_while_an_update_waited_for_it_is_updated_not_refused(pg_app, ada):
+    """Another server deletes Todo t1 and creates it again; Ada's update waited for t1's lock, and its read, whose snapshot
+    predates the wait, finds t1 deleted: a false 409, which makes her client roll a good change back.
+    Guard: a locked read that finds nothing reads once more, in a new statement, which sees the new row."""
+    mutate(ada, todo("t1", "g1"))
+    with other_server(pg_app) as other:
+        other.execute("BEGIN")
+        other.execute("DELETE FROM todos WHERE id = 't1'")
+        other.execute("INSERT INTO todos (id, text, author_id, group_id, is_done, like_count) VALUES ('t1', 'New', 'a1', 'g1', false, 0)")
+        thread, outcome = in_background(lambda: ada.post("/mutate", json={"changes": [update("Todo", "t1", likeCount=5)]}))
+        assert outcome["waited"]
+        other.execute("COMMIT")
+        thread.join(10)
+
+    assert outcome["value"].status_code == 200, outcome["value"].get_json()
+    assert query(pg_app, "SELECT text, like_count FROM todos WHERE id = 't1'") == [("New", 5)]
+
+
+def test_a_retry_whose_record_is_pruned_after_its_claim_met_it_is_told_to_bootstrap_again(pg_app, ada, monkeypatch):
+    """The claim finds the record; compact-log prunes it before the record is read. Not a 500 (type server: the client
+    would roll back a committed change), but bootstrap_again, as for any retry whose record went with the log."""
+    mutate(ada, todo("t1", "g1"))
+    body = {"transactionId": "like", "baseSyncId": 3, "changes": [update("Todo", "t1", likeCount=1)]}
+    first = ada.post("/mutate", json=body).get_json()["lastSyncId"]
+    answer_retry = app_module.answer_retry
+
+    def pruned_meanwhile(*args):
+        with other_server(pg_app) as compaction:  # compact-log's raise and prune, between the claim and the read
+            compaction.execute("INSERT INTO sync_log_start (after_sync_id, reason) VALUES (%s, 'compacted')", (first,))
+            compaction.execute("DELETE FROM client_transaction WHERE transaction_id = 'like'")
+        return answer_retry(*args)
+
+    monkeypatch.setattr(app_module, "answer_retry", pruned_meanwhile)
+    response = ada.post("/mutate", json=body)
+
+    assert_error(response, 409, "bootstrap_again")
+    assert wire(response.get_json()["error"]["details"]) == wire({"reason": "compacted"})
+
+
+def test_a_group_id_another_server_is_deleting_is_not_reused(pg_app, ada):
+    """Ada, on another server, creates and deletes Group gx, not yet committed; Grace creates gx. The row is gone and
+    Ada's links are not committed, so a look at the links finds nothing; Ada, who keeps group:gx, would read Grace's
+    group. Guard: creating a sync group claims its name in sync_group_history, so Grace waits and finds it taken."""
+    grace = sign_in(pg_app, "Grace")
+    first = Transaction(pg_app, ada.user_id, [group("gx", "Ada's"), delete("Group", "gx")])
+    thread, outcome = in_background(lambda: grace.post("/mutate", json={"changes": [group("gx", "Grace's secret")]}))
+    assert outcome["waited"]
+    first.commit()
+    thread.join(10)
+
+    assert_error(outcome["value"], 409, "sync_group_reused")
+    assert wire(ada.get("/bootstrap?type=eager&models=Group").get_json()["bootstrap"]) == wire({"Group": [{"id": "g1", "name": "Group g1"}]})

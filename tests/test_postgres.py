@@ -240,3 +240,18 @@ def test_a_large_write_that_waits_too_long_for_its_turn_is_503_network_and_write
         assert snapshot(pg_app) == before
         other.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": app_module.postgres.LARGE_WRITE_LOCK})
     mutate(ada, *(todo(f"t{n}", "g1") for n in range(writer.ALONE_OVER + 1)))  # its turn free: written
+
+
+def test_a_deadlock_met_after_the_last_read_of_a_transaction_is_retried_not_left_open(pg_app):
+    """A pipelined transaction's last statements are read only as the pipeline ends: an error there comes after the
+    ROLLBACK could be sent. The transaction must still be rolled back, so that its retry can begin (not a 500)."""
+    ada = sign_in(pg_app, "Ada")
+    mutate(ada, group("g1"), create("Author", "a1", name="Ada"))
+    with reader(pg_app).begin() as admin:  # the link insert, never read, meets a deadlock once
+        admin.execute(text("CREATE SEQUENCE fail_seq"))
+        admin.execute(text("""CREATE FUNCTION fail_once() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN IF nextval('fail_seq') = 1 THEN RAISE EXCEPTION 'a deadlock' USING ERRCODE = '40P01'; END IF; RETURN NEW; END $$"""))
+        admin.execute(text("CREATE TRIGGER fail_once BEFORE INSERT ON sync_action_group FOR EACH ROW EXECUTE FUNCTION fail_once()"))
+
+    last_sync_id = mutate(ada, todo("t1", "g1"))["lastSyncId"]  # the first attempt's syncId is not reused: a gap, as any rollback leaves
+    assert [(action["syncId"], action["modelId"]) for action in ada.get("/sync?since=2").get_json()["sync"]] == [(last_sync_id, "t1")]
