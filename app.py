@@ -47,6 +47,7 @@ DEFAULT_LIMIT = 1000
 MAX_LIMIT = 5000
 MAX_WAIT_S = 30
 BOOTSTRAP_CHUNK = 1000  # rows encoded and sent at a time
+IN_FLIGHT = 0  # a claimed transactionId's last_sync_id until its transaction appends its sync actions
 
 
 # --- 1. Configuration -------------------------------------------------------
@@ -119,6 +120,7 @@ def authenticate() -> None:
 
 TOKEN = re.compile(r"(?i:bearer) +([1-9][0-9]{0,17})\.([A-Za-z0-9_-]{1,100})")
 NO_SUCH_TOKEN = hashlib.sha256(b"").hexdigest()
+USER_TOKEN = "SELECT token_sha256 FROM users WHERE id = ?"
 
 
 def user_for_token(header: str | None) -> tuple[int, str]:
@@ -134,7 +136,7 @@ def user_for_token(header: str | None) -> tuple[int, str]:
 
 
 def stored_token(db_connection: DbConnection, user_id: int) -> str | None:
-    stored = db_connection.execute("SELECT token_sha256 FROM users WHERE id = ?", (user_id,)).fetchone()
+    stored = db_connection.execute(USER_TOKEN, (user_id,)).fetchone()
     return stored and stored[0]
 
 
@@ -167,10 +169,9 @@ def bootstrap_again(reason: str, message: str, **details) -> ApiError:
 
 
 def caller_sync_groups(db_connection: DbConnection, user_id: int, token_sha256: str | None, lock: str = "") -> list[str]:
-    """The caller's groups, read where they are used, and its token checked again there: one revoked
-    since authenticate() is refused, not served (or let write) from a snapshot after its revocation.
-    A write locks the user's row (`lock`), so a revocation commits before it or after it."""
-    token = db_connection.execute(f"SELECT token_sha256 FROM users WHERE id = ?{lock}", (user_id,))  # both sent, then read
+    """The caller's groups, read where they are used, and its token checked again there: one revoked since authenticate() is
+    refused, not served (or let write) from a snapshot after it. A write locks the user's row (`lock`) until COMMIT."""
+    token = db_connection.execute(USER_TOKEN + lock, (user_id,))  # both sent, then read
     memberships = db_connection.execute("SELECT sync_group FROM memberships WHERE user_id = ? ORDER BY sync_group", (user_id,))
     stored = token.fetchone()
     if token_sha256 is not None:
@@ -179,8 +180,7 @@ def caller_sync_groups(db_connection: DbConnection, user_id: int, token_sha256: 
 
 
 def row_lock(kind: str) -> str:
-    """What a read that a write depends on adds on PostgreSQL, whose writers run side by side at READ COMMITTED
-    (postgres.ROW_LOCKS; docs/design.md, "Writes on PostgreSQL"). SQLite's writers take turns: nothing."""
+    """A read's lock on PostgreSQL (postgres.ROW_LOCKS; docs/design.md, "Writes on PostgreSQL"); SQLite's writers take turns."""
     return postgres.ROW_LOCKS[kind] if flavour().postgres else ""
 
 
@@ -269,13 +269,11 @@ def fingerprint(changes: Any) -> str:
 
 
 def in_write_transaction(work: Callable[[DbConnection], T], changes: int = 1) -> T:
-    """BEGIN IMMEDIATE; work(db_connection); COMMIT; and return what `work` returned. A `work` that yields (apply_transaction)
-    is sent, for what it yields, the last syncId append_to_log gave it, and returns its result then.
-
-    That is all it is, in essence (READ COMMITTED with row locks on PostgreSQL), and the only way anything is written.
-    machinery/writer.py runs it faster: writes arriving together share one transaction and its
-    fsync (group commit), each in a savepoint of its own, unless it has many `changes` and others
-    need not wait for it; a transaction the database is too busy for is retried, then refused with 503 type network."""
+    """BEGIN IMMEDIATE; work(db_connection); COMMIT; and return what `work` returned (a `work` that yields, apply_transaction,
+    is sent the last syncId append_to_log gave what it yielded, and returns then). That is all it is, in essence (READ
+    COMMITTED with row locks on PostgreSQL), and the only way anything is written. machinery/writer.py runs it faster:
+    writes arriving together share one transaction and its fsync (group commit), each in a savepoint of its own, unless
+    it has many `changes` and others need not wait for it; a transaction the database is too busy for is retried, then 503."""
     return current_app.extensions["writer"].run(work, changes)
 
 
@@ -300,27 +298,26 @@ class PendingAction:
 def apply_transaction(db_connection: DbConnection, changes: list[Change], user_id: int, transaction_id: str | None,
                       changes_sha256: str, token_sha256: str | None = None, base_sync_id: int | None = None
                       ) -> Generator[list[PendingAction], int, int]:
-    """Inside one write transaction, as `user_id`, whose token a request gives (a command, such as seed, gives none).
-    In two steps, so that group commit appends many transactions' sync actions in one turn of the log's lock
-    (machinery/writer.py; `applied` runs one alone): it checks and applies each change, yields one sync action per
-    change, and is sent the last syncId the log gave them. A retried transactionId is answered, not applied again.
-    Each read that a write depends on holds what it read until COMMIT: docs/design.md, "Writes on PostgreSQL"."""
+    """Inside one write transaction, as `user_id`, whose token a request gives (a command, such as seed, gives none). In two
+    steps, so that group commit appends many transactions' sync actions in one turn of the log's lock (machinery/writer.py;
+    `applied` runs one alone): it checks and applies each change, yields one sync action per change, and is sent the last
+    syncId the log gave them. A retried transactionId is answered, not applied again. Each read that a write depends on
+    holds what it read until COMMIT (docs/design.md, "Writes on PostgreSQL")."""
     # 1. Claim the transactionId (its record's key): a retry of it in flight elsewhere waits here until that one ends.
     claim = None if transaction_id is None else db_connection.execute(
         f"INSERT INTO client_transaction (user_id, transaction_id, changes_sha256, last_sync_id, base_sync_id) VALUES (?, ?, ?, "
         f"{IN_FLIGHT}, ?) ON CONFLICT DO NOTHING RETURNING 1", (user_id, transaction_id, changes_sha256, base_sync_id))
     # 2. In statements after the claim (before it, a retry whose record compact-log prunes meanwhile would apply again),
     # sent now and read below: the log's bounds, the caller's token and groups, its user's row locked until COMMIT.
-    bounds = db_connection.execute("SELECT (SELECT after_sync_id FROM sync_log_start), (SELECT reason FROM sync_log_start), "
-                                   "(SELECT max(id) FROM sync_action)")
+    bounds = db_connection.execute(LOG_BOUNDS)
     joining = any(change.action == "create" and change.model.owns_sync_group for change in changes)
     caller = Caller(user_id, set(caller_sync_groups(db_connection, user_id, token_sha256, row_lock("caller_joining" if joining else "caller"))))
     if claim is not None and claim.fetchone() is None:  # taken: by a committed transaction, or one in this batch
         return answer_retry(db_connection, user_id, transaction_id, changes_sha256)
-    start, why, newest = bounds.fetchone()
-    if base_sync_id is not None and base_sync_id < (start or 0):  # its record, if it committed, went with the log
+    start, why, head = log_bounds(bounds)
+    if base_sync_id is not None and base_sync_id < start:  # its record, if it committed, went with the log
         raise bootstrap_again(why or "reset", f"baseSyncId={base_sync_id} is older than the log, which starts after {start}.")
-    if base_sync_id is not None and base_sync_id > (newest or start or 0):  # a syncId this database never gave: another one's
+    if base_sync_id is not None and base_sync_id > head:  # a syncId this database never gave: another one's
         raise bootstrap_again("reset", f"baseSyncId={base_sync_id} is not a syncId of this database.")
     # 3. Every row, checked and written; a refused change takes no syncId, and the log's lock is not held meanwhile.
     written = (apply_change(db_connection, index, change, caller) for index, change in enumerate(changes))
@@ -334,9 +331,6 @@ def apply_transaction(db_connection: DbConnection, changes: list[Change], user_i
         db_connection.execute("UPDATE client_transaction SET last_sync_id = ? WHERE user_id = ? AND transaction_id = ?",
                               (last_sync_id, user_id, transaction_id))
     return last_sync_id
-
-
-IN_FLIGHT = 0  # a claimed transactionId's last_sync_id until its transaction appends its actions
 
 
 def answer_retry(db_connection: DbConnection, user_id: int, transaction_id: str, changes_sha256: str) -> int:
@@ -391,9 +385,7 @@ def apply_change(db_connection: DbConnection, index: int, change: Change, caller
             # A deleted one's members, who keep it, would see the new one's rows, and its new members its old actions.
             reject("sync_group_reused", f"{model.name} id {change.model_id!r} was used before; choose a new one.")
     else:
-        found = db_connection.execute(select := sql.select + row_lock(change.action), (change.model_id,))  # locked until COMMIT
-        if (stored := found.fetchone()) is None and flavour().postgres:  # deleted while it waited, maybe created anew: a new read
-            stored = (found := db_connection.execute(select, (change.model_id,))).fetchone()
+        stored, found = fetch_locked(db_connection, sql.select + row_lock(change.action), (change.model_id,))  # locked until COMMIT
         row = None if stored is None else model.reader(dialect, found.description).values(stored)
         if row is None:
             reject("does_not_exist", f"{model.name} {change.model_id!r} does not exist.")
@@ -468,12 +460,19 @@ def check_references(db_connection: DbConnection, model: SyncedModel, row: dict,
              for attribute, target in model.references if attribute in changed]
     for attribute, target, found in named:
         value = row[attribute]
-        if (referenced := found.fetchone()) is None and flavour().postgres:  # deleted while it waited: see apply_change
-            referenced = db_connection.execute(target.sql.select + row_lock("reference"), (value,)).fetchone()
-        if referenced is None:
+        if (referenced := fetch_locked(db_connection, target.sql.select + row_lock("reference"), (value,), found)[0]) is None:
             reject("unknown_reference", f"{model.wire_name(attribute)} {value!r} does not name an existing {target.name}.")
         if attribute in model.writers.own and not target.writers.allow(dict(zip(target.columns, referenced)), user_id):
             reject("forbidden", f"{model.wire_name(attribute)} {value!r} names another user's {target.name}.", status=403)
+
+
+def fetch_locked(db_connection: DbConnection, sql: str, params: tuple, found=None) -> tuple[Any, Any]:
+    """The row of a select with a row lock (`found`, if sent already), and the cursor it came from. On PostgreSQL a row
+    deleted while the select waited for its lock reads as none, though its deleter may have created it again: read anew."""
+    found = db_connection.execute(sql, params) if found is None else found
+    if (stored := found.fetchone()) is None and flavour().postgres:
+        stored = (found := db_connection.execute(sql, params)).fetchone()
+    return stored, found
 
 
 def check_not_referenced(db_connection: DbConnection, model: SyncedModel, row: dict[str, Any], reject) -> None:
@@ -549,17 +548,18 @@ def read_rows(db_connection: DbConnection, chosen: Flavour, model: SyncedModel, 
             yield [reader.wire_row(row) for row in rows]
 
 
-def log_start(db_connection: DbConnection) -> tuple[int, str]:
-    """Where the log starts, and why there: reset (init-db) or compacted (compact-log)."""
-    start = db_connection.execute("SELECT after_sync_id, reason FROM sync_log_start").fetchone()
-    return (start[0], start[1] or "reset") if start else (0, "reset")
+LOG_BOUNDS = "SELECT (SELECT after_sync_id FROM sync_log_start), (SELECT reason FROM sync_log_start), (SELECT max(id) FROM sync_action)"
+
+
+def log_bounds(found) -> tuple[int, str, int]:
+    """From LOG_BOUNDS's cursor: where the log starts, why there (reset: init-db; compacted: compact-log), and its head,
+    the greatest syncId, as that statement's snapshot sees them; an empty log's head is where it starts."""
+    start, why, newest = found.fetchone()
+    return start or 0, why or "reset", newest or start or 0
 
 
 def read_head(db_connection: DbConnection) -> int:
-    """The greatest syncId, as this transaction's snapshot sees it; an empty log's head is
-    where it starts (0, above the log that init-db wiped, or where compact-log left it)."""
-    (newest,) = db_connection.execute("SELECT max(id) FROM sync_action").fetchone()
-    return newest or log_start(db_connection)[0]
+    return log_bounds(db_connection.execute(LOG_BOUNDS))[2]
 
 
 # --- 5. GET /sync -----------------------------------------------------------

@@ -29,7 +29,7 @@ import click
 from flask import current_app
 from flask.cli import with_appcontext
 
-from app import in_write_transaction, log_start, read_head
+from app import LOG_BOUNDS, in_write_transaction, log_bounds
 from machinery.database import DbConnection, flavour, read_transaction
 from machinery.long_poll import membership_changed
 
@@ -40,7 +40,7 @@ PAUSE_S = 0.005  # between batches, so that writers waiting get the write lock (
 
 def raise_log_start(db_connection: DbConnection, floor: int) -> int:
     """The new start: `floor`, at most the head, never lower than the start already is."""
-    start, head = log_start(db_connection)[0], read_head(db_connection)
+    start, _, head = log_bounds(db_connection.execute(LOG_BOUNDS))
     floor = min(floor, head)
     if floor > start:
         db_connection.execute("DELETE FROM sync_log_start")
